@@ -1,0 +1,1 @@
+"""Dataset -> WebDataset shards in object storage (see docs/ingest.md)."""

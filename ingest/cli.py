@@ -1,0 +1,24 @@
+"""What every ingest command line shares: logging set-up and turning errors into exit codes."""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable
+
+from .errors import EXIT_INTERRUPTED, EXIT_OK, IngestError
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def run_main(body: Callable[[], int | None], log_level: str = "INFO") -> int:
+    """Run a CLI body; a user's mistake becomes one line on stderr and an exit code."""
+    logging.basicConfig(level=log_level, format="%(message)s", stream=sys.stderr)
+    try:
+        code = body()
+    except IngestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: committed shards are kept; rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_OK if code is None else code

@@ -1,0 +1,40 @@
+"""User-facing errors of the ingest CLIs and the exit code each maps to.
+
+Every error a user can cause (wrong path, unknown layout, missing bucket) is one of these:
+the CLI prints its message on one line and exits with its code, never a traceback.
+"""
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_USAGE = 2          # bad command line (argparse's own code)
+EXIT_INPUT = 3          # input missing, unrecognised or inconsistent
+EXIT_OUTPUT = 4         # output location missing, unwritable, or holding a different dataset
+EXIT_INCOMPLETE = 5     # finalize found uncommitted shards / verify found mismatches
+EXIT_INTERRUPTED = 130  # Ctrl-C; rerunning the same command resumes
+
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_USAGE: "bad command line",
+    EXIT_INPUT: "input missing, unrecognised or inconsistent",
+    EXIT_OUTPUT: "output location missing, unwritable or holding a different dataset",
+    EXIT_INCOMPLETE: "dataset incomplete (uncommitted shards) or failed verification",
+    EXIT_INTERRUPTED: "interrupted; rerun the same command to resume",
+}
+
+
+class IngestError(Exception):
+    """Base class: a problem the user can fix, reported without a traceback."""
+
+    exit_code = 1
+
+
+class InputError(IngestError):
+    exit_code = EXIT_INPUT
+
+
+class OutputError(IngestError):
+    exit_code = EXIT_OUTPUT
+
+
+class IncompleteError(IngestError):
+    exit_code = EXIT_INCOMPLETE

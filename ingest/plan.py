@@ -1,0 +1,105 @@
+"""The deterministic plan: which sample goes into which shard, decided before any write.
+
+Per split: drop duplicate keys, sort by key, shuffle with a seed derived from (seed, split) so
+every shard mixes classes, then cut by sample count and estimated bytes. Every worker and
+every rerun computes the same plan from the same input, which is what makes resume and the
+multi-worker split work without coordination.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+from .sources import ClassInfo, Problem, Sample, Scan
+
+# Tar headers of the three members plus the JSON text, per sample: close enough for a cap.
+TAR_OVERHEAD_BYTES = 2048
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    split: str
+    number: int
+    samples: tuple[Sample, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.number:06d}.tar"
+
+
+@dataclass(frozen=True)
+class Plan:
+    plan_id: str
+    classes: list[ClassInfo]
+    shards: list[ShardPlan]
+    problems: list[Problem]
+    labelled: dict[str, bool]
+
+    def for_worker(self, num_workers: int, worker_index: int) -> list[ShardPlan]:
+        """Round-robin over the global shard list: workers get equal shares of every split."""
+        return self.shards[worker_index::num_workers]
+
+    def describe(self) -> dict:
+        """What finalize needs to build the manifest without access to the input."""
+        splits: dict[str, list[str]] = {split: [] for split in self.labelled}
+        for shard in self.shards:
+            splits[shard.split].append(shard.name)
+        return {
+            "plan_id": self.plan_id,
+            "classes": [{"index": c.index, "wnid": c.wnid, "name": c.name} for c in self.classes],
+            "splits": {s: {"shards": names, "labelled": self.labelled[s]} for s, names in splits.items()},
+            "problems": [problem_record(p) for p in self.problems],
+        }
+
+
+def problem_record(problem: Problem) -> dict:
+    return {"split": problem.split, "source": problem.source, "reason": problem.reason, "detail": problem.detail}
+
+
+def make_plan(scan: Scan, *, seed: int, shard_size: int, shard_bytes: int | None, settings: dict) -> Plan:
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    problems = list(scan.problems)
+    shards: list[ShardPlan] = []
+    digest = hashlib.sha256(repr(sorted(settings.items())).encode())
+    for split, samples in scan.splits.items():
+        unique = _drop_duplicates(split, samples, problems)
+        unique.sort(key=lambda s: s.key)
+        for s in unique:
+            digest.update(f"{split}\t{s.key}\t{s.label}\t{s.size}\t{s.source}\n".encode())
+        random.Random(f"{seed}:{split}").shuffle(unique)
+        cuts = _cut(unique, shard_size, shard_bytes)
+        shards += [ShardPlan(split, n, tuple(group)) for n, group in enumerate(cuts)]
+    digest.update(repr([(c.wnid, c.name) for c in scan.classes]).encode())
+    labelled = {split: any(s.label is not None for s in samples) for split, samples in scan.splits.items()}
+    return Plan(digest.hexdigest()[:16], scan.classes, shards, problems, labelled)
+
+
+def _drop_duplicates(split: str, samples: list[Sample], problems: list[Problem]) -> list[Sample]:
+    """Keep the first sample per key in source order; the others become counted problems."""
+    kept: dict[str, Sample] = {}
+    for sample in sorted(samples, key=lambda s: (s.key, s.source)):
+        if sample.key in kept:
+            problems.append(Problem(split, sample.source, "duplicate_key",
+                                    f"key {sample.key} already used by {kept[sample.key].source}"))
+        else:
+            kept[sample.key] = sample
+    return list(kept.values())
+
+
+def _cut(samples: list[Sample], shard_size: int, shard_bytes: int | None) -> list[list[Sample]]:
+    groups: list[list[Sample]] = []
+    current: list[Sample] = []
+    current_bytes = 0
+    for sample in samples:
+        cost = sample.size + TAR_OVERHEAD_BYTES
+        full = len(current) >= shard_size or (shard_bytes is not None and current_bytes + cost > shard_bytes)
+        if current and full:
+            groups.append(current)
+            current, current_bytes = [], 0
+        current.append(sample)
+        current_bytes += cost
+    if current:
+        groups.append(current)
+    return groups

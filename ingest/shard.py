@@ -1,0 +1,209 @@
+"""`python -m ingest.shard`: a downloaded dataset -> WebDataset shards + manifest at any fsspec URL.
+
+    plan (list input, deterministic shard plan) -> skip committed shards -> build and commit
+    the rest in parallel -> finalize (manifest.json, written last)
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from . import cli
+from .config import IngestConfig, parse_bytes
+from .errors import EXIT_CODES, OutputError
+from .manifest import finalize
+from .plan import Plan, make_plan
+from .sources import CHOICES, scan_input
+from .storage import Location, display, parse_storage_options, prepare_output, resolve_input, write_json
+from .writer import PLAN_FILE, ImageSettings, ShardWorker, load_committed, read_plan
+
+log = logging.getLogger("ingest")
+
+
+@dataclass
+class RunReport:
+    """What this invocation did, for the summary."""
+
+    written: list[dict] = field(default_factory=list)
+    skipped: int = 0
+    seconds: float = 0.0
+    manifest: dict | None = None
+    where: str = ""
+
+
+def run(config: IngestConfig) -> RunReport:
+    started = time.perf_counter()
+    output = Location(config.output, config.storage_options)
+    fs, root = prepare_output(output)
+    report = RunReport(where=display(fs, root))
+    if config.input is not None:
+        _run_worker(config, output, fs, root, report)
+    if config.finalize or (config.input is not None and config.num_workers == 1):
+        report.manifest = finalize(fs, root)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _run_worker(config: IngestConfig, output: Location, fs, root: str, report: RunReport) -> None:
+    source = resolve_input(config.input, config.storage_options)
+    log.info("listing %s", config.input)
+    scan, found = scan_input(source, config.source, config.splits)
+    settings = {"kind": scan.kind, **config.settings()}
+    plan = make_plan(scan, seed=config.seed, shard_size=config.shard_size,
+                     shard_bytes=config.shard_bytes, settings=settings)
+    _claim_output(fs, root, plan, {**settings, "input": config.input})
+    mine = plan.for_worker(config.num_workers, config.worker_index)
+    committed = load_committed(fs, root, plan.plan_id)
+    todo = [shard for shard in mine if shard.name not in committed]
+    report.skipped = len(mine) - len(todo)
+    log.info("%s: %d classes, %d shards planned, %d for this worker, %d already committed",
+             scan.kind, len(plan.classes), len(plan.shards), len(mine), report.skipped)
+    image_settings = ImageSettings(config.resize, config.validate, config.quality)
+    worker_args = (source, output, image_settings, plan.plan_id)
+    report.written = _build_all(todo, worker_args, config.processes)
+
+
+def _claim_output(fs, root: str, plan: Plan, source: dict) -> None:
+    """Record the plan, or refuse an output that already holds a differently planned dataset."""
+    existing = read_plan(fs, root)
+    if existing is None:
+        write_json(fs, f"{root}/{PLAN_FILE}", {**plan.describe(), "source": source})
+    elif existing["plan_id"] != plan.plan_id:
+        before = existing.get("source", {})
+        changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in source.items() if before.get(k) != v]
+        raise OutputError(
+            f"{display(fs, root)} already holds a dataset planned differently "
+            f"({'; '.join(changed) or 'the input files changed'}); use a new output location or delete that one")
+
+
+def _build_all(todo: list, worker_args: tuple, processes: int) -> list[dict]:
+    total = sum(len(shard.samples) for shard in todo)
+    written = []
+    with tqdm(total=total, unit="img", desc="shards", dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30) as bar:
+        for entry, planned in _results(todo, worker_args, processes):
+            written.append(entry)
+            bar.update(planned)
+            bar.set_postfix(shards=f"{len(written)}/{len(todo)}", refresh=False)
+    return written
+
+
+def _results(todo: list, worker_args: tuple, processes: int):
+    """(index entry, planned samples) per shard, in completion order."""
+    processes = min(processes, len(todo))
+    if processes <= 1:
+        worker = ShardWorker(*worker_args)
+        for shard in todo:
+            yield worker(shard), len(shard.samples)
+        return
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(processes, initializer=_init_process, initargs=worker_args) as pool:
+        for entry in pool.imap_unordered(_process_shard, todo):
+            yield entry, entry["samples"] + len(entry["rejected"])
+
+
+_WORKER: ShardWorker | None = None
+
+
+def _init_process(*worker_args) -> None:
+    global _WORKER
+    _WORKER = ShardWorker(*worker_args)
+
+
+def _process_shard(shard) -> dict:
+    return _WORKER(shard)
+
+
+def summary(report: RunReport) -> str:
+    written_samples = sum(e["samples"] + len(e["rejected"]) for e in report.written)
+    rate = written_samples / report.seconds if report.seconds else 0.0
+    lines = [f"dataset {report.where}"]
+    if report.manifest is not None:
+        lines += _dataset_lines(report.manifest)
+    else:
+        lines.append("  (not finalized: run with --finalize once every worker is done)")
+    lines.append(f"this run: {len(report.written)} shards written ({written_samples} images, {rate:.0f} images/s), "
+                 f"{report.skipped} already committed, wall time {report.seconds:.1f} s")
+    return "\n".join(lines)
+
+
+def _dataset_lines(manifest: dict) -> list[str]:
+    lines = [f"  {len(manifest['classes'])} classes ({manifest['source']['kind']})"]
+    for split, info in manifest["splits"].items():
+        size = sum(s["bytes"] for s in info["shards"])
+        lines.append(f"  {split}: {info['samples']} samples in {len(info['shards'])} shards, {size / 1e6:.1f} MB")
+    lines.append(f"  re-encoded: {_counts(manifest['reencoded'])}")
+    lines.append(f"  rejected: {_counts(manifest['rejected_by_reason'])}"
+                 + (" (listed in manifest.json)" if manifest["rejected"] else ""))
+    return lines
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items()) if counts else "none"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ingest.shard",
+        description="Convert a downloaded ImageNet / TinyImageNet / ImageFolder dataset into WebDataset "
+                    "tar shards plus manifest.json at any fsspec URL. Rerunning resumes.",
+        epilog="exit codes: " + "; ".join(f"{code} {text}" for code, text in EXIT_CODES.items()),
+    )
+    add = parser.add_argument
+    add("--input", help="dataset as downloaded: tiny-imagenet-200.zip or folder, the folder of the ILSVRC2012 "
+                        "tars + devkit, the Kaggle ILSVRC folder, or an ImageFolder tree")
+    add("--output", required=True, help="where the shards go: a path or fsspec URL (file://, s3://, gs://, memory://)")
+    add("--source", default="auto", choices=CHOICES,
+        help="input layout; 'auto' detects it, 'imagenet' accepts the official tars and the Kaggle layout")
+    add("--splits", default="train,val", type=lambda s: tuple(p.strip() for p in s.split(",")),
+        help="comma-separated splits to convert (default train,val; 'test' is unlabelled)")
+    add("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    add("--shard-bytes", type=parse_bytes, default=None,
+        help="also cut a shard before it exceeds this many bytes, e.g. 500M (estimated from source sizes)")
+    add("--processes", type=int, default=os.cpu_count() or 1,
+        help="parallel processes on this machine (default: CPU count)")
+    add("--num-workers", type=int, default=1, help="number of machines/pods splitting the plan (default 1)")
+    add("--worker-index", type=int, default=0, help="this worker's index, 0..num-workers-1")
+    add("--finalize", action="store_true",
+        help="write manifest.json from the committed shards (alone: no --input needed); implied with one worker")
+    add("--resize", type=int, default=None, metavar="SHORTER_SIDE",
+        help="downscale images whose shorter side exceeds this (re-encodes them)")
+    add("--validate", default="header", choices=("header", "full"),
+        help="'header': cheap structural checks (default); 'full': also decode every image")
+    add("--quality", type=int, default=95, help="JPEG quality for re-encoded images (default 95)")
+    add("--seed", type=int, default=0, help="seed of the shuffle that mixes classes across shards (default 0)")
+    add("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+        help="fsspec storage option for input and output, repeatable (e.g. endpoint_url=http://127.0.0.1:9000)")
+    add("--log-level", default="INFO", choices=cli.LOG_LEVELS, help="logging level (default INFO)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> IngestConfig:
+    return IngestConfig(
+        output=args.output, input=args.input, source=args.source, splits=args.splits,
+        shard_size=args.shard_size, shard_bytes=args.shard_bytes, processes=args.processes,
+        num_workers=args.num_workers, worker_index=args.worker_index, finalize=args.finalize,
+        resize=args.resize, validate=args.validate, quality=args.quality, seed=args.seed,
+        storage_options=parse_storage_options(args.storage_option),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return cli.run_main(lambda: print(summary(run(config))), args.log_level)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

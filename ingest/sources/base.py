@@ -1,0 +1,122 @@
+"""What every source module produces: the classes and, per split, the samples to store.
+
+A source only lists; it never reads image bytes. Each sample carries a `loc` that the
+reader in any worker process can resolve: a path in the input filesystem, optionally with
+a byte range (an image inside an uncompressed tar is just a range of the tar file).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import fsspec
+
+from ..errors import InputError
+
+Box = tuple[float, float, float, float]
+
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    key: str                        # unique in its split; no dots or slashes (WebDataset keys)
+    label: int | None               # class index; None for unlabelled splits (test)
+    source: str                     # path shown to users, relative to the input
+    size: int                       # source bytes, for the plan's byte cap
+    path: str                       # where the bytes are in the input filesystem
+    start: int | None = None        # byte range inside `path`, for images inside tars
+    boxes: tuple[Box, ...] = ()
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    index: int
+    wnid: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Problem:
+    """An input sample that cannot be stored, found while listing (counted, never fatal)."""
+
+    split: str
+    source: str
+    reason: str
+    detail: str
+
+
+@dataclass
+class Scan:
+    """A listed source: class table, samples per split, and problems found while listing."""
+
+    kind: str
+    classes: list[ClassInfo]
+    splits: dict[str, list[Sample]]
+    problems: list[Problem] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SourceType:
+    """A registry entry: how to recognise a layout and how to list it."""
+
+    name: str
+    looks_for: str                                                  # said when nothing matched
+    splits: tuple[str, ...] | None                                  # None: whatever folders exist
+    find_root: Callable[[fsspec.AbstractFileSystem, str], str | None]
+    scan: Callable[[fsspec.AbstractFileSystem, str, tuple[str, ...]], Scan]
+
+
+def key_from_name(name: str) -> str:
+    """`a/b/n01443537_0.JPEG` -> `n01443537_0`: the file stem, made safe as a WebDataset key."""
+    stem = name.rsplit("/", 1)[-1].split(".", 1)[0]
+    return _KEY_UNSAFE.sub("_", stem) or "_"
+
+
+def class_table(wnids: list[str], names: dict[str, str]) -> tuple[list[ClassInfo], dict[str, int]]:
+    """Class index = position in the sorted wnid list (Keras, torchvision and TFDS agree)."""
+    ordered = sorted(set(wnids))
+    classes = [ClassInfo(i, w, names.get(w, w)) for i, w in enumerate(ordered)]
+    return classes, {c.wnid: c.index for c in classes}
+
+
+def read_text(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    return fs.cat_file(path).decode("utf-8", errors="replace")
+
+
+def text_lines(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    return [line for line in read_text(fs, path).splitlines() if line.strip()]
+
+
+def parse_box(fields: list[str]) -> Box:
+    x0, y0, x1, y1 = (float(v) for v in fields)
+    return (x0, y0, x1, y1)
+
+
+def list_files(fs: fsspec.AbstractFileSystem, directory: str) -> dict[str, int]:
+    """Regular files directly in `directory` (hidden ones skipped) -> size in bytes."""
+    if not fs.isdir(directory):
+        raise InputError(f"{directory}: directory missing")
+    out = {}
+    for info in fs.ls(directory, detail=True):
+        name = info["name"].rstrip("/")
+        if info["type"] == "file" and not name.rsplit("/", 1)[-1].startswith("."):
+            out[name] = int(info["size"])
+    return out
+
+
+def list_dirs(fs: fsspec.AbstractFileSystem, directory: str) -> list[str]:
+    return sorted(
+        info["name"].rstrip("/") for info in fs.ls(directory, detail=True)
+        if info["type"] == "directory" and not info["name"].rstrip("/").rsplit("/", 1)[-1].startswith(".")
+    )
+
+
+def relative(path: str, root: str) -> str:
+    return path[len(root):].lstrip("/") if root and path.startswith(root) else path
+
+
+def join(*parts: str) -> str:
+    """Join path parts; an empty root (the top of a zip filesystem) adds no leading slash."""
+    return "/".join(p.strip("/") if i else p.rstrip("/") for i, p in enumerate(parts) if p)

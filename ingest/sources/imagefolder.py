@@ -1,0 +1,63 @@
+"""Any `<root>/<split>/<class>/<image>` tree (Keras and torchvision's ImageFolder).
+
+Class index = position of the folder name in the sorted union of class folders over the
+splits; the folder name is both the class id and its name. Keys are file stems; where two
+classes of a split share a stem, every key of that split is prefixed with its class folder.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import fsspec
+
+from ..errors import InputError
+from .base import Sample, Scan, SourceType, class_table, join, key_from_name, list_dirs, list_files, relative
+
+
+# Detection wants a split folder with one of these names, so that an arbitrary tree of
+# folders is not taken for a dataset; `--source imagefolder` accepts any split names.
+COMMON_SPLITS = ("train", "val", "validation", "test")
+
+
+def find_root(fs: fsspec.AbstractFileSystem, root: str) -> str | None:
+    """A folder with a split folder (train/, val/...) of class folders holding files."""
+    if fs.isfile(root):
+        return None
+    for split in list_dirs(fs, root):
+        if split.rsplit("/", 1)[-1] in COMMON_SPLITS and any(list_files(fs, c) for c in list_dirs(fs, split)):
+            return root
+    return None
+
+
+def scan(fs: fsspec.AbstractFileSystem, root: str, splits: tuple[str, ...]) -> Scan:
+    available = [d.rsplit("/", 1)[-1] for d in list_dirs(fs, root)]
+    missing = [s for s in splits if s not in available]
+    if missing:
+        raise InputError(f"{root}: no split folder {', '.join(missing)} (found: {', '.join(available) or 'none'})")
+    folders = {s: list_dirs(fs, join(root, s)) for s in splits}
+    wnids = [f.rsplit("/", 1)[-1] for per_split in folders.values() for f in per_split]
+    classes, index = class_table(wnids, {})
+    result = Scan("imagefolder", classes, {})
+    for split, split_folders in folders.items():
+        result.splits[split] = _split(fs, root, split_folders, index)
+    return result
+
+
+def _split(fs, root: str, folders: list[str], index: dict[str, int]) -> list[Sample]:
+    files = [(f.rsplit("/", 1)[-1], path, size) for f in folders for path, size in list_files(fs, f).items()]
+    stems = Counter(key_from_name(path) for _, path, size in files)
+    prefix = any(count > 1 for count in stems.values())
+    return [
+        Sample(key_from_name(f"{cls}_{key_from_name(path)}" if prefix else path), index[cls],
+               relative(path, root), size, path)
+        for cls, path, size in files
+    ]
+
+
+SOURCE = SourceType(
+    name="imagefolder",
+    looks_for=f"imagefolder: {'|'.join(COMMON_SPLITS)}/<class>/<image files>",
+    splits=None,
+    find_root=find_root,
+    scan=scan,
+)

@@ -1,0 +1,110 @@
+"""ILSVRC2012 in Kaggle's "ImageNet Object Localization Challenge" layout.
+
+    ILSVRC/Data/CLS-LOC/train/<wnid>/<wnid>_<n>.JPEG
+    ILSVRC/Data/CLS-LOC/val/ILSVRC2012_val_<8 digits>.JPEG
+    ILSVRC/Data/CLS-LOC/test/ILSVRC2012_test_<8 digits>.JPEG   unlabelled
+    LOC_synset_mapping.txt    "<wnid> <names>" per line, in ILSVRC2012_ID order
+    LOC_val_solution.csv      ImageId,PredictionString ("<wnid> x0 y0 x1 y1 ..." per box)
+    LOC_train_solution.csv    the same for the train images that have boxes (optional)
+"""
+from __future__ import annotations
+
+import csv
+import io
+
+import fsspec
+
+from ..errors import InputError
+from .base import (Problem, Sample, Scan, SourceType, class_table, join, key_from_name,
+                   list_dirs, list_files, parse_box, read_text, relative, text_lines)
+
+DATA = "ILSVRC/Data/CLS-LOC"
+MAPPING = "LOC_synset_mapping.txt"
+SPLITS = ("train", "val", "test")
+
+
+def find_root(fs: fsspec.AbstractFileSystem, root: str) -> str | None:
+    if fs.isfile(root):
+        return None
+    for candidate in [root, *list_dirs(fs, root)]:
+        if fs.isfile(join(candidate, MAPPING)) and fs.isdir(join(candidate, DATA)):
+            return candidate
+    return None
+
+
+def scan(fs: fsspec.AbstractFileSystem, root: str, splits: tuple[str, ...]) -> Scan:
+    names = {}
+    for line in text_lines(fs, join(root, MAPPING)):
+        wnid, _, name = line.strip().partition(" ")
+        names[wnid] = name.strip()
+    classes, index = class_table(list(names), names)
+    listers = {"train": _train, "val": _val, "test": _test}
+    result = Scan("imagenet-kaggle", classes, {})
+    for split in splits:
+        result.splits[split] = listers[split](fs, root, index, result.problems)
+    return result
+
+
+def _solutions(fs, path: str, index: dict[str, int]) -> dict[str, tuple[int, tuple]]:
+    """ImageId -> (class index, boxes). Every box of an image names the same wnid."""
+    out = {}
+    reader = csv.reader(io.StringIO(read_text(fs, path)))
+    next(reader, None)
+    for number, row in enumerate(reader, 2):
+        if len(row) < 2 or not row[1].split():
+            raise InputError(f"{path}: line {number}: expected ImageId,PredictionString, got {row!r}")
+        fields = row[1].split()
+        wnid = fields[0]
+        if wnid not in index:
+            raise InputError(f"{path}: line {number}: wnid {wnid} is not in {MAPPING}")
+        boxes = tuple(parse_box(fields[i + 1:i + 5]) for i in range(0, len(fields) - 4, 5))
+        out[row[0].strip()] = (index[wnid], boxes)
+    return out
+
+
+def _train(fs, root: str, index: dict[str, int], problems: list[Problem]) -> list[Sample]:
+    solution = join(root, "LOC_train_solution.csv")
+    boxes = _solutions(fs, solution, index) if fs.isfile(solution) else {}
+    samples = []
+    for directory in list_dirs(fs, join(root, DATA, "train")):
+        wnid = directory.rsplit("/", 1)[-1]
+        if wnid not in index:
+            raise InputError(f"{directory}: class folder {wnid} is not in {MAPPING}")
+        for path, size in list_files(fs, directory).items():
+            key = key_from_name(path)
+            samples.append(Sample(key, index[wnid], relative(path, root), size, path,
+                                  boxes=boxes.get(key, (None, ()))[1]))
+    return samples
+
+
+def _val(fs, root: str, index: dict[str, int], problems: list[Problem]) -> list[Sample]:
+    solution = join(root, "LOC_val_solution.csv")
+    if not fs.isfile(solution):
+        raise InputError(f"{solution}: missing (it holds the val labels)")
+    labels = _solutions(fs, solution, index)
+    samples, seen = [], set()
+    for path, size in list_files(fs, join(root, DATA, "val")).items():
+        key = key_from_name(path)
+        if key not in labels:
+            problems.append(Problem("val", relative(path, root), "no_label", "not in LOC_val_solution.csv"))
+            continue
+        label, boxes = labels[key]
+        samples.append(Sample(key, label, relative(path, root), size, path, boxes=boxes))
+        seen.add(key)
+    for key in sorted(set(labels) - seen):
+        problems.append(Problem("val", f"{DATA}/val/{key}.JPEG", "missing_file", "listed in LOC_val_solution.csv"))
+    return samples
+
+
+def _test(fs, root: str, index: dict[str, int], problems: list[Problem]) -> list[Sample]:
+    files = list_files(fs, join(root, DATA, "test"))
+    return [Sample(key_from_name(path), None, relative(path, root), size, path) for path, size in files.items()]
+
+
+SOURCE = SourceType(
+    name="imagenet-kaggle",
+    looks_for=f"imagenet-kaggle: {MAPPING} and {DATA}/",
+    splits=SPLITS,
+    find_root=find_root,
+    scan=scan,
+)

@@ -1,0 +1,116 @@
+"""TinyImageNet-200: `tiny-imagenet-200.zip` or its extracted directory.
+
+    wnids.txt                      the 200 class wnids (not sorted)
+    words.txt                      wnid<TAB>names for all of WordNet
+    train/<wnid>/images/*.JPEG     + train/<wnid>/<wnid>_boxes.txt (file x0 y0 x1 y1)
+    val/images/*.JPEG              + val/val_annotations.txt (file wnid x0 y0 x1 y1)
+    test/images/*.JPEG             unlabelled
+"""
+from __future__ import annotations
+
+import fsspec
+
+from ..errors import InputError
+from .base import (Problem, Sample, Scan, SourceType, class_table, join, key_from_name,
+                   list_dirs, list_files, parse_box, relative, text_lines)
+
+SPLITS = ("train", "val", "test")
+
+
+def find_root(fs: fsspec.AbstractFileSystem, root: str) -> str | None:
+    """The directory holding wnids.txt: the input itself or one level down (the zip's top folder)."""
+    if fs.isfile(root):
+        return None
+    for candidate in [root, *list_dirs(fs, root)]:
+        if fs.isfile(join(candidate, "wnids.txt")) and fs.isdir(join(candidate, "train")):
+            return candidate
+    return None
+
+
+def read_names(fs: fsspec.AbstractFileSystem, root: str, wanted: set[str]) -> dict[str, str]:
+    path = join(root, "words.txt")
+    if not fs.isfile(path):
+        return {}
+    names = {}
+    for line in text_lines(fs, path):
+        wnid, _, name = line.partition("\t")
+        if wnid in wanted:
+            names[wnid] = name.strip()
+    return names
+
+
+def scan(fs: fsspec.AbstractFileSystem, root: str, splits: tuple[str, ...]) -> Scan:
+    wnids = [line.strip() for line in text_lines(fs, join(root, "wnids.txt"))]
+    classes, index = class_table(wnids, read_names(fs, root, set(wnids)))
+    listers = {"train": _train, "val": _val, "test": _test}
+    result = Scan("tinyimagenet", classes, {})
+    for split in splits:
+        result.splits[split] = listers[split](fs, root, index, result.problems)
+    return result
+
+
+def _train(fs, root: str, index: dict[str, int], problems: list[Problem]) -> list[Sample]:
+    samples = []
+    for wnid, label in index.items():
+        images = join(root, "train", wnid, "images")
+        if not fs.isdir(images):
+            raise InputError(f"{images}: missing (wnids.txt lists {wnid})")
+        boxes = _boxes(fs, join(root, "train", wnid, f"{wnid}_boxes.txt"))
+        for path, size in list_files(fs, images).items():
+            name = path.rsplit("/", 1)[-1]
+            box = boxes.get(name)
+            samples.append(Sample(key_from_name(name), label, relative(path, root), size, path,
+                                  boxes=(box,) if box else ()))
+    return samples
+
+
+def _boxes(fs, path: str) -> dict[str, tuple]:
+    if not fs.isfile(path):
+        return {}
+    out = {}
+    for line in text_lines(fs, path):
+        fields = line.split()
+        if len(fields) == 5:
+            out[fields[0]] = parse_box(fields[1:])
+    return out
+
+
+def _val(fs, root: str, index: dict[str, int], problems: list[Problem]) -> list[Sample]:
+    annotations = join(root, "val", "val_annotations.txt")
+    if not fs.isfile(annotations):
+        raise InputError(f"{annotations}: missing (it holds the val labels)")
+    files = list_files(fs, join(root, "val", "images"))
+    by_name = {path.rsplit("/", 1)[-1]: (path, size) for path, size in files.items()}
+    samples, labelled = [], set()
+    for number, line in enumerate(text_lines(fs, annotations), 1):
+        fields = line.split("\t")
+        if len(fields) < 2:
+            raise InputError(f"{annotations}: line {number}: expected FILE<TAB>WNID[<TAB>BOX], got {line!r}")
+        name, wnid = fields[0].strip(), fields[1].strip()
+        if wnid not in index:
+            raise InputError(f"{annotations}: line {number}: wnid {wnid} is not in wnids.txt")
+        if name not in by_name:
+            problems.append(Problem("val", f"val/images/{name}", "missing_file",
+                                    f"listed in {relative(annotations, root)} line {number}"))
+            continue
+        path, size = by_name[name]
+        box = (parse_box(fields[2:6]),) if len(fields) >= 6 else ()
+        samples.append(Sample(key_from_name(name), index[wnid], relative(path, root), size, path, boxes=box))
+        labelled.add(name)
+    for name in sorted(set(by_name) - labelled):
+        problems.append(Problem("val", f"val/images/{name}", "no_label", "not in val_annotations.txt"))
+    return samples
+
+
+def _test(fs, root: str, index: dict[str, int], problems: list[Problem]) -> list[Sample]:
+    files = list_files(fs, join(root, "test", "images"))
+    return [Sample(key_from_name(path), None, relative(path, root), size, path) for path, size in files.items()]
+
+
+SOURCE = SourceType(
+    name="tinyimagenet",
+    looks_for="tinyimagenet: wnids.txt and train/ (tiny-imagenet-200.zip or its folder)",
+    splits=SPLITS,
+    find_root=find_root,
+    scan=scan,
+)

@@ -1,0 +1,116 @@
+"""`python -m ingest.verify URL`: check every shard against manifest.json.
+
+For each shard: the object exists, has the recorded size and sha256, and holds the recorded
+number of samples, each with an image and (in labelled splits) a class index in range.
+Every mismatch is printed on its own line; the exit code is non-zero if there is any.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import sys
+import tarfile
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+from tqdm import tqdm
+
+from . import cli
+from .errors import EXIT_CODES, EXIT_INCOMPLETE, EXIT_OK
+from .manifest import load_manifest
+from .storage import Location, display, parse_storage_options
+
+
+def check_shard(fs, root: str, shard: dict, labelled: bool, num_classes: int) -> list[str]:
+    """The problems of one shard, each a line naming it; empty when it matches the manifest."""
+    name, path = shard["name"], f"{root}/{shard['name']}"
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        return [f"{name}: missing"]
+    if len(data) != shard["bytes"]:
+        return [f"{name}: size {len(data)} bytes, manifest says {shard['bytes']}"]
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != shard["sha256"]:
+        return [f"{name}: sha256 {digest[:12]}..., manifest says {shard['sha256'][:12]}..."]
+    return _check_samples(name, data, shard["samples"], labelled, num_classes)
+
+
+def _check_samples(name: str, data: bytes, expected: int, labelled: bool, num_classes: int) -> list[str]:
+    members: dict[str, dict[str, bytes]] = defaultdict(dict)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                members[key][ext] = tar.extractfile(member).read() if ext == "cls" else b""
+    except tarfile.TarError as exc:
+        return [f"{name}: not a readable tar ({exc})"]
+    problems = []
+    if len(members) != expected:
+        problems.append(f"{name}: {len(members)} samples, manifest says {expected}")
+    for key, parts in members.items():
+        if "jpg" not in parts:
+            problems.append(f"{name}: sample {key} has no .jpg")
+        if labelled and not _valid_label(parts.get("cls"), num_classes):
+            problems.append(f"{name}: sample {key} has no class index in 0..{num_classes - 1}")
+    return problems
+
+
+def _valid_label(raw: bytes | None, num_classes: int) -> bool:
+    try:
+        return raw is not None and 0 <= int(raw) < num_classes
+    except ValueError:
+        return False
+
+
+def verify(location: Location, threads: int = 8) -> tuple[int, list[str]]:
+    """(shards checked, problem lines)."""
+    fs, root = location.open()
+    manifest = load_manifest(fs, root)
+    num_classes = len(manifest["classes"])
+    jobs = [(shard, info["labelled"]) for info in manifest["splits"].values() for shard in info["shards"]]
+    problems: list[str] = []
+    with ThreadPoolExecutor(threads) as pool, tqdm(total=len(jobs), unit="shard", desc="verify",
+                                                   disable=None) as bar:
+        futures = [pool.submit(check_shard, fs, root, shard, labelled, num_classes) for shard, labelled in jobs]
+        for future in futures:
+            problems += future.result()
+            bar.update()
+    return len(jobs), problems
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ingest.verify",
+        description="Check every shard of a dataset against its manifest.json (size, sha256, samples, labels).",
+        epilog=f"exit codes: {EXIT_OK} all shards match; {EXIT_INCOMPLETE} mismatches (one line each); "
+               f"3 no readable manifest; 2 {EXIT_CODES[2]}",
+    )
+    parser.add_argument("url", help="the dataset: the --output given to ingest.shard (path or fsspec URL)")
+    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="fsspec storage option, repeatable (e.g. endpoint_url=http://127.0.0.1:9000)")
+    parser.add_argument("--threads", type=int, default=8, help="shards checked concurrently (default 8)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        location = Location(args.url, parse_storage_options(args.storage_option))
+    except ValueError as exc:
+        parser.error(str(exc))
+
+    def body() -> int:
+        checked, problems = verify(location, args.threads)
+        for line in problems:
+            print(line)
+        print(f"{'FAILED' if problems else 'ok'}: {checked} shards checked, {len(problems)} problem(s)")
+        return EXIT_INCOMPLETE if problems else EXIT_OK
+
+    return cli.run_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

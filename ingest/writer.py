@@ -1,0 +1,153 @@
+"""Build one shard (read, normalise, tar) and commit it: shard object first, index entry last.
+
+An `_index/<shard>.json` entry exists only for a shard object that was completely written,
+so "entry present and object of the recorded size" is the definition of a committed shard.
+Tars are byte-reproducible (fixed mtime, owner and order), so a redone shard is identical.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import tarfile
+from collections import Counter
+from dataclasses import dataclass
+
+import fsspec
+
+from .images import Normalized, RejectedImage, normalize
+from .plan import ShardPlan
+from .sources import Sample
+from .storage import Location, display, read_json, write_atomic, write_json
+
+log = logging.getLogger(__name__)
+
+INDEX_DIR = "_index"
+PLAN_FILE = f"{INDEX_DIR}/plan.json"
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    resize: int | None
+    validate: str
+    quality: int
+
+
+class InputReader:
+    """Reads sample bytes from the input filesystem (opened once per process)."""
+
+    def __init__(self, location: Location):
+        self.fs, _ = location.open()
+
+    def read(self, sample: Sample) -> bytes:
+        if sample.start is None:
+            return self.fs.cat_file(sample.path)
+        return self.fs.cat_file(sample.path, sample.start, sample.start + sample.size)
+
+
+def index_path(root: str, shard_name: str) -> str:
+    return f"{root}/{INDEX_DIR}/{shard_name}.json"
+
+
+def build_shard(shard: ShardPlan, reader: InputReader, settings: ImageSettings) -> tuple[bytes, dict]:
+    """The shard's tar bytes and its index entry (without the object's size and hash yet)."""
+    buffer = io.BytesIO()
+    reencoded: Counter[str] = Counter()
+    rejected: list[dict] = []
+    keys = hashlib.sha256()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for sample in shard.samples:
+            try:
+                image = normalize(_read(reader, sample), resize=settings.resize,
+                                  validate=settings.validate, quality=settings.quality)
+            except RejectedImage as exc:
+                rejected.append({"split": shard.split, "source": sample.source,
+                                 "reason": exc.reason, "detail": exc.detail})
+                continue
+            if image.reencoded:
+                reencoded[image.reencoded] += 1
+            for name, payload in _members(sample, image):
+                _add(tar, name, payload)
+            keys.update(f"{sample.key}\t{sample.label}\n".encode())
+    entry = {
+        "name": shard.name,
+        "split": shard.split,
+        "samples": len(shard.samples) - len(rejected),
+        "keys_sha256": keys.hexdigest(),
+        "reencoded": dict(sorted(reencoded.items())),
+        "rejected": rejected,
+    }
+    return buffer.getvalue(), entry
+
+
+def _read(reader: InputReader, sample: Sample) -> bytes:
+    try:
+        return reader.read(sample)
+    except OSError as exc:
+        raise RejectedImage("unreadable", f"{type(exc).__name__}: {exc}") from None
+
+
+def _members(sample: Sample, image: Normalized) -> list[tuple[str, bytes]]:
+    meta = {"key": sample.key, "source": sample.source, "width": image.width, "height": image.height}
+    if sample.boxes:
+        meta["boxes"] = [[round(v * image.scale, 2) for v in box] for box in sample.boxes]
+    members = [(f"{sample.key}.jpg", image.data)]
+    if sample.label is not None:
+        meta["class"] = sample.label
+        members.append((f"{sample.key}.cls", str(sample.label).encode()))
+    members.append((f"{sample.key}.json", json.dumps(meta, sort_keys=True).encode()))
+    return members
+
+
+def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    info.mode = 0o444
+    info.mtime = 0
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def commit_shard(fs: fsspec.AbstractFileSystem, root: str, data: bytes, entry: dict, plan_id: str) -> dict:
+    """Write the shard object, then its index entry: the entry is the commit marker."""
+    entry = {**entry, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "plan_id": plan_id}
+    write_atomic(fs, f"{root}/{entry['name']}", data)
+    write_json(fs, index_path(root, entry["name"]), entry)
+    return entry
+
+
+def load_committed(fs: fsspec.AbstractFileSystem, root: str, plan_id: str) -> dict[str, dict]:
+    """Index entries of this plan whose shard object exists with the recorded size."""
+    sizes = {info["name"].rsplit("/", 1)[-1]: info["size"] for info in fs.ls(root, detail=True)
+             if info["type"] == "file" and info["name"].endswith(".tar")}
+    index = f"{root}/{INDEX_DIR}"
+    names = [p for p in fs.ls(index, detail=False) if p.endswith(".tar.json")] if fs.isdir(index) else []
+    committed = {}
+    for path, blob in fs.cat(names).items() if names else ():
+        try:
+            entry = json.loads(blob)
+        except ValueError:
+            log.warning("ignoring unreadable index entry %s", display(fs, path))
+            continue
+        if entry.get("plan_id") == plan_id and sizes.get(entry.get("name")) == entry.get("bytes"):
+            committed[entry["name"]] = entry
+    return committed
+
+
+def read_plan(fs: fsspec.AbstractFileSystem, root: str) -> dict | None:
+    path = f"{root}/{PLAN_FILE}"
+    return read_json(fs, path) if fs.isfile(path) else None
+
+
+class ShardWorker:
+    """Everything one process needs to build and commit shards; created once per process."""
+
+    def __init__(self, source: Location, output: Location, settings: ImageSettings, plan_id: str):
+        self.reader = InputReader(source)
+        self.fs, self.root = output.open()
+        self.settings = settings
+        self.plan_id = plan_id
+
+    def __call__(self, shard: ShardPlan) -> dict:
+        data, entry = build_shard(shard, self.reader, self.settings)
+        return commit_shard(self.fs, self.root, data, entry, self.plan_id)

@@ -1,0 +1,1 @@
+"""Shards -> trained Keras model on Horovod workers (built in the trainer issues)."""
