@@ -12,7 +12,9 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 def run_main(body: Callable[[], int | None], log_level: str = "INFO") -> int:
     """Run a CLI body; a user's mistake becomes one line on stderr and an exit code."""
-    logging.basicConfig(level=log_level, format="%(message)s", stream=sys.stderr)
+    # Our own messages at the asked level; libraries (botocore, s3fs) only when they warn.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("ingest").setLevel(log_level)
     try:
         code = body()
     except IngestError as exc:

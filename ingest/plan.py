@@ -13,8 +13,11 @@ from dataclasses import dataclass
 
 from .sources import ClassInfo, Problem, Sample, Scan
 
-# Tar headers of the three members plus the JSON text, per sample: close enough for a cap.
-TAR_OVERHEAD_BYTES = 2048
+TAR_BLOCK = 512
+# Per sample: three member headers plus the .cls and .json payloads (one block each).
+SAMPLE_OVERHEAD_BYTES = 5 * TAR_BLOCK
+# The end-of-archive blocks, padded to tarfile's 10 KiB record.
+TAR_END_BYTES = 20 * TAR_BLOCK
 
 
 @dataclass(frozen=True)
@@ -89,15 +92,16 @@ def _drop_duplicates(split: str, samples: list[Sample], problems: list[Problem])
 
 
 def _cut(samples: list[Sample], shard_size: int, shard_bytes: int | None) -> list[list[Sample]]:
+    """Consecutive groups of at most shard_size samples and (as far as source sizes tell) shard_bytes."""
     groups: list[list[Sample]] = []
     current: list[Sample] = []
-    current_bytes = 0
+    current_bytes = TAR_END_BYTES
     for sample in samples:
-        cost = sample.size + TAR_OVERHEAD_BYTES
+        cost = -(-sample.size // TAR_BLOCK) * TAR_BLOCK + SAMPLE_OVERHEAD_BYTES
         full = len(current) >= shard_size or (shard_bytes is not None and current_bytes + cost > shard_bytes)
         if current and full:
             groups.append(current)
-            current, current_bytes = [], 0
+            current, current_bytes = [], TAR_END_BYTES
         current.append(sample)
         current_bytes += cost
     if current:

@@ -118,9 +118,11 @@ def commit_shard(fs: fsspec.AbstractFileSystem, root: str, data: bytes, entry: d
 
 def load_committed(fs: fsspec.AbstractFileSystem, root: str, plan_id: str) -> dict[str, dict]:
     """Index entries of this plan whose shard object exists with the recorded size."""
+    index = f"{root}/{INDEX_DIR}"
+    for directory in (root, index):  # other processes and pods write here; listings must be fresh
+        fs.invalidate_cache(directory)
     sizes = {info["name"].rsplit("/", 1)[-1]: info["size"] for info in fs.ls(root, detail=True)
              if info["type"] == "file" and info["name"].endswith(".tar")}
-    index = f"{root}/{INDEX_DIR}"
     names = [p for p in fs.ls(index, detail=False) if p.endswith(".tar.json")] if fs.isdir(index) else []
     committed = {}
     for path, blob in fs.cat(names).items() if names else ():

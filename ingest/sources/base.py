@@ -68,10 +68,14 @@ class SourceType:
     scan: Callable[[fsspec.AbstractFileSystem, str, tuple[str, ...]], Scan]
 
 
+def safe_key(text: str) -> str:
+    """Only [A-Za-z0-9_-]: WebDataset splits a member name at its first dot."""
+    return _KEY_UNSAFE.sub("_", text) or "_"
+
+
 def key_from_name(name: str) -> str:
     """`a/b/n01443537_0.JPEG` -> `n01443537_0`: the file stem, made safe as a WebDataset key."""
-    stem = name.rsplit("/", 1)[-1].split(".", 1)[0]
-    return _KEY_UNSAFE.sub("_", stem) or "_"
+    return safe_key(name.rsplit("/", 1)[-1].split(".", 1)[0])
 
 
 def class_table(wnids: list[str], names: dict[str, str]) -> tuple[list[ClassInfo], dict[str, int]]:

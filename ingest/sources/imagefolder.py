@@ -11,7 +11,8 @@ from collections import Counter
 import fsspec
 
 from ..errors import InputError
-from .base import Sample, Scan, SourceType, class_table, join, key_from_name, list_dirs, list_files, relative
+from .base import (Sample, Scan, SourceType, class_table, join, key_from_name, list_dirs, list_files, relative,
+                   safe_key)
 
 
 # Detection wants a split folder with one of these names, so that an arbitrary tree of
@@ -48,7 +49,7 @@ def _split(fs, root: str, folders: list[str], index: dict[str, int]) -> list[Sam
     stems = Counter(key_from_name(path) for _, path, size in files)
     prefix = any(count > 1 for count in stems.values())
     return [
-        Sample(key_from_name(f"{cls}_{key_from_name(path)}" if prefix else path), index[cls],
+        Sample(f"{safe_key(cls)}_{key_from_name(path)}" if prefix else key_from_name(path), index[cls],
                relative(path, root), size, path)
         for cls, path, size in files
     ]

@@ -1,0 +1,32 @@
+# Set-up, tests and the demo. Everything runs from the virtualenv .venv in the repo root.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEMO   := demo-data
+
+.PHONY: setup test demo bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev,s3,gcs]'
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest
+
+# Synthesise a small TinyImageNet-layout data set (with real-data quirks), shard it, verify it.
+demo: setup
+	rm -rf $(DEMO)
+	$(BIN)/python -m ingest.synth --output $(DEMO)/tiny-imagenet-200 --classes 10 \
+		--train-per-class 100 --val-per-class 20 --quirks
+	$(BIN)/python -m ingest.shard --input $(DEMO)/tiny-imagenet-200 --output $(DEMO)/shards --shard-size 200
+	$(BIN)/python -m ingest.verify $(DEMO)/shards
+
+bench: setup
+	$(BIN)/python -m bench.ingest
+
+clean:
+	rm -rf $(DEMO) bench-data

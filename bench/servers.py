@@ -1,0 +1,49 @@
+"""Local servers for benchmarks and tests: a real S3 API from moto_server on 127.0.0.1."""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def moto_server(timeout: float = 30.0) -> Iterator[str]:
+    """Start moto_server (from the moto[server] extra, beside this Python) and yield its endpoint URL."""
+    port = free_port()
+    executable = Path(sys.executable).parent / "moto_server"
+    process = subprocess.Popen([str(executable), "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(process, f"{endpoint}/moto-api/", timeout)
+        yield endpoint
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _wait_ready(process: subprocess.Popen, url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError(f"moto_server did not answer at {url}") from None
+            time.sleep(0.2)

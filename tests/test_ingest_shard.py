@@ -1,0 +1,228 @@
+"""The shard CLI's behaviour: resume, idempotence, multi-worker split, caps, errors, verify."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ingest import synth
+from ingest.errors import EXIT_INCOMPLETE, EXIT_INPUT, EXIT_OUTPUT, EXIT_USAGE
+
+from .conftest import REPO, run_cli
+from .helpers import read_dataset, shard_bytes
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A small TinyImageNet-layout input with quirks, shared by the tests of this module."""
+    path = tmp_path_factory.mktemp("tiny") / "tiny-imagenet-200"
+    truth = synth.generate(str(path), classes=6, train_per_class=10, val_per_class=4, size=32, seed=5, quirks=True)
+    return truth, path
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, tmp_path_factory):
+    """The dataset a clean single run produces, to compare every other way of running against."""
+    out = tmp_path_factory.mktemp("reference") / "shards"
+    run_cli("ingest.shard", "--input", tiny[1], "--output", out, "--shard-size", "4", "--processes", "1", check=True)
+    return shard_bytes(str(out))
+
+
+def ingest(source, out, *extra, check=True):
+    return run_cli("ingest.shard", "--input", source, "--output", out, "--shard-size", "4", *extra, check=check)
+
+
+def mtimes(path) -> dict[str, int]:
+    return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(path) for f in fs}
+
+
+def test_parallel_run_equals_single_process_run(tiny, reference, tmp_path):
+    ingest(tiny[1], tmp_path / "out", "--processes", "2")
+    assert shard_bytes(str(tmp_path / "out")) == reference
+
+
+def test_rerun_of_finished_job_rewrites_nothing(tiny, tmp_path):
+    out = tmp_path / "out"
+    ingest(tiny[1], out, "--processes", "1")
+    before = mtimes(out)
+    second = ingest(tiny[1], out, "--processes", "1")
+    assert mtimes(out) == before
+    assert "0 shards written" in second.stdout and "already committed" in second.stdout
+
+
+def test_resume_after_sigkill_gives_the_same_dataset(tiny, reference, tmp_path):
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "ingest.shard", "--input", str(tiny[1]), "--output", str(out),
+                                "--shard-size", "4", "--processes", "1"], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    index = out / "_index"
+    deadline = time.monotonic() + 60
+    while not (index.is_dir() and len([p for p in os.listdir(index) if p.endswith(".tar.json")]) >= 3):
+        assert time.monotonic() < deadline and process.poll() is None, "run ended before it could be killed"
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "manifest.json").exists()
+    # Also the other crash windows: a shard written but its index entry not, and a half-written temp file.
+    entries = sorted(p for p in os.listdir(index) if p.endswith(".tar.json"))
+    os.remove(index / entries[0])
+    (out / "train-000099.tar.tmp-dead").write_bytes(b"partial")
+    result = ingest(tiny[1], out, "--processes", "1")
+    assert "already committed" in result.stdout
+    assert shard_bytes(str(out)) == reference
+
+
+def test_a_damaged_committed_shard_is_redone(tiny, reference, tmp_path):
+    out = tmp_path / "out"
+    ingest(tiny[1], out, "--processes", "1")
+    shard = out / "train-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    os.remove(out / "manifest.json")
+    ingest(tiny[1], out, "--processes", "1")
+    assert shard_bytes(str(out)) == reference
+
+
+def test_workers_split_the_plan_then_finalize(tiny, reference, tmp_path):
+    out = tmp_path / "out"
+    for worker in (0, 2):
+        result = ingest(tiny[1], out, "--num-workers", "3", "--worker-index", str(worker), "--processes", "1")
+        assert "not finalized" in result.stdout
+    early = run_cli("ingest.shard", "--output", out, "--finalize")
+    assert early.returncode == EXIT_INCOMPLETE and "not committed yet" in early.stderr
+    ingest(tiny[1], out, "--num-workers", "3", "--worker-index", "1", "--processes", "1")
+    done = run_cli("ingest.shard", "--output", out, "--finalize", check=True)
+    assert "train:" in done.stdout
+    assert shard_bytes(str(out)) == reference
+
+
+def test_shards_mix_classes_and_seed_changes_the_mix(tiny, tmp_path):
+    ingest(tiny[1], tmp_path / "a", "--processes", "1", "--shard-size", "12")
+    ingest(tiny[1], tmp_path / "b", "--processes", "1", "--shard-size", "12", "--seed", "7")
+    manifest, splits = read_dataset(str(tmp_path / "a"))
+    first = manifest["splits"]["train"]["shards"][0]["name"]
+    with open(tmp_path / "a" / first, "rb") as handle:
+        import tarfile
+        labels = {int(t.extractfile(m).read()) for t in [tarfile.open(fileobj=io.BytesIO(handle.read()))]
+                  for m in t if m.name.endswith(".cls")}
+    assert len(labels) >= 3
+    assert shard_bytes(str(tmp_path / "a"))[first] != shard_bytes(str(tmp_path / "b"))[first]
+    assert read_dataset(str(tmp_path / "b"))[1] == splits
+
+
+def test_byte_cap_cuts_shards(tiny, tmp_path):
+    ingest(tiny[1], tmp_path / "out", "--processes", "1", "--shard-size", "1000", "--shard-bytes", "16K")
+    manifest, _ = read_dataset(str(tmp_path / "out"))
+    shards = manifest["splits"]["train"]["shards"]
+    # The cap is planned from source sizes; the few re-encoded quirk images may grow a little.
+    assert len(shards) > 1 and all(s["bytes"] <= 16 * 1024 + 4096 for s in shards)
+
+
+def test_resize_caps_the_shorter_side(tiny, tmp_path):
+    ingest(tiny[1], tmp_path / "out", "--processes", "1", "--resize", "16")
+    manifest, splits = read_dataset(str(tmp_path / "out"))
+    for sample in splits["train"].values():
+        assert min(sample["json"]["width"], sample["json"]["height"]) == 16
+    assert manifest["reencoded"]["resized"] > 0
+    box = next(s["json"]["boxes"][0] for s in splits["train"].values() if "boxes" in s["json"])
+    assert max(box) <= 16
+
+
+def test_stock_webdataset_reads_the_shards(tiny, tmp_path):
+    import webdataset as wds
+
+    out = tmp_path / "out"
+    ingest(tiny[1], out, "--processes", "1")
+    manifest, splits = read_dataset(str(out))
+    urls = [str(out / s["name"]) for s in manifest["splits"]["train"]["shards"]]
+    dataset = wds.WebDataset(urls, shardshuffle=False).decode("rgb8").to_tuple("__key__", "jpg", "cls", "json")
+    seen = {}
+    for key, image, label, meta in dataset:
+        assert image.shape == (meta["height"], meta["width"], 3)
+        seen[key] = label
+    assert seen == {k: s["cls"] for k, s in splits["train"].items()}
+
+
+def test_verify_passes_then_names_each_tampered_shard(tiny, tmp_path):
+    out = tmp_path / "out"
+    ingest(tiny[1], out, "--processes", "1")
+    assert run_cli("ingest.verify", out).returncode == 0
+    flipped = bytearray((out / "train-000000.tar").read_bytes())
+    flipped[700] ^= 0xFF
+    (out / "train-000000.tar").write_bytes(bytes(flipped))
+    (out / "train-000001.tar").write_bytes((out / "train-000001.tar").read_bytes()[:-512])
+    os.remove(out / "val-000000.tar")
+    result = run_cli("ingest.verify", out)
+    assert result.returncode == EXIT_INCOMPLETE
+    assert "train-000000.tar: sha256" in result.stdout
+    assert "train-000001.tar: size" in result.stdout
+    assert "val-000000.tar: missing" in result.stdout
+
+
+def test_verify_catches_a_manifest_that_lies_about_counts(tiny, tmp_path):
+    out = tmp_path / "out"
+    ingest(tiny[1], out, "--processes", "1")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["samples"] += 1
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    result = run_cli("ingest.verify", out)
+    assert result.returncode == EXIT_INCOMPLETE and "train-000000.tar: 4 samples, manifest says 5" in result.stdout
+
+
+def assert_clean_error(result, code, *fragments):
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in error_lines[0]
+
+
+def test_clean_errors(tiny, tmp_path):
+    out = tmp_path / "out"
+    assert_clean_error(ingest(tmp_path / "nope", out, check=False), EXIT_INPUT, str(tmp_path / "nope"), "does not exist")
+    (tmp_path / "empty").mkdir()
+    assert_clean_error(ingest(tmp_path / "empty", out, check=False), EXIT_INPUT, "no known dataset layout",
+                       "wnids.txt", "ILSVRC2012_img_train.tar", "LOC_synset_mapping.txt", "<class>")
+    (tmp_path / "file").write_text("x")
+    assert_clean_error(ingest(tiny[1], tmp_path / "file" / "out", check=False), EXIT_OUTPUT, str(tmp_path / "file"))
+    assert_clean_error(ingest(tiny[1], out, "--shard-size", "0", check=False), EXIT_USAGE, "shard size 0")
+    assert_clean_error(ingest(tiny[1], out, "--splits", "train,bogus", check=False), EXIT_INPUT, "bogus")
+    ingest(tiny[1], out, "--processes", "1")
+    assert_clean_error(ingest(tiny[1], out, "--seed", "9", check=False), EXIT_OUTPUT, "seed 0 -> 9")
+    assert_clean_error(run_cli("ingest.verify", tmp_path), EXIT_INPUT, "manifest.json")
+
+
+def test_val_annotation_with_unknown_wnid_is_an_error(tmp_path):
+    path = tmp_path / "tiny"
+    synth.generate(str(path), classes=3, train_per_class=2, val_per_class=2, size=32)
+    annotations = path / "val" / "val_annotations.txt"
+    lines = annotations.read_text().splitlines()
+    lines[1] = lines[1].replace(lines[1].split("\t")[1], "n99999999")
+    annotations.write_text("\n".join(lines) + "\n")
+    result = ingest(path, tmp_path / "out", check=False)
+    assert_clean_error(result, EXIT_INPUT, "val_annotations.txt", "line 2", "n99999999")
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_val_annotation_for_a_missing_file_is_reported(tmp_path):
+    path = tmp_path / "tiny"
+    truth = synth.generate(str(path), classes=3, train_per_class=2, val_per_class=2, size=32)
+    os.remove(path / "val" / "images" / "val_0.JPEG")
+    ingest(path, tmp_path / "out", "--processes", "1")
+    manifest, splits = read_dataset(str(tmp_path / "out"))
+    assert {"split": "val", "source": "val/images/val_0.JPEG", "reason": "missing_file"}.items() <= \
+        next(r for r in manifest["rejected"] if r["reason"] == "missing_file").items()
+    assert len(splits["val"]) == len(truth.splits["val"]) - 1
+
+
+def test_help_explains_every_flag():
+    result = run_cli("ingest.shard", "--help", check=True)
+    for flag in ("--input", "--output", "--source", "--shard-size", "--shard-bytes", "--processes", "--num-workers",
+                 "--worker-index", "--finalize", "--resize", "--seed", "--splits", "--storage-option", "exit codes"):
+        assert flag in result.stdout
