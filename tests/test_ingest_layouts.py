@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import shutil
+import tarfile
+import zipfile
+from typing import Iterator
 
 import pytest
 
@@ -66,6 +70,8 @@ def test_class_table_is_sorted_wnids_with_names(ingested):
 def real_pngs(source) -> dict[str, str]:
     """Keys of the PNG files an ImageFolder holds by design (besides the quirks)."""
     found = {}
+    if not os.path.isdir(source):
+        return found
     for dirpath, _, files in os.walk(source):
         for name in files:
             with open(os.path.join(dirpath, name), "rb") as handle:
@@ -95,7 +101,6 @@ def test_quirks_reencoded_or_rejected(ingested):
 
 def test_every_stored_image_is_rgb_jpeg(ingested):
     from PIL import Image
-    import io
 
     _, _, output, _ = ingested
     _, splits = read_dataset(str(output))
@@ -106,20 +111,40 @@ def test_every_stored_image_is_rgb_jpeg(ingested):
             assert (sample["json"]["width"], sample["json"]["height"]) == image.size
 
 
+def source_blobs(path) -> Iterator[bytes]:
+    """Every file of the input, looking inside zips and (nested) tars as the layouts need."""
+    if os.path.isdir(path):
+        for dirpath, _, files in os.walk(path):
+            for name in files:
+                yield from source_blobs(os.path.join(dirpath, name))
+        return
+    with open(path, "rb") as handle:
+        data = handle.read()
+    yield from _archive_blobs(str(path), data)
+
+
+def _archive_blobs(name: str, data: bytes) -> Iterator[bytes]:
+    if name.endswith(".zip"):
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            for info in archive.infolist():
+                yield archive.read(info)
+    elif name.endswith(".tar"):
+        with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+            for member in archive:
+                if member.isfile():
+                    yield from _archive_blobs(member.name, archive.extractfile(member).read())
+    else:
+        yield data
+
+
 def test_clean_images_pass_through_byte_for_byte(ingested):
     truth, source, output, _ = ingested
-    if not os.path.isdir(source) or truth.layout == "imagenet":
-        pytest.skip("source bytes are inside an archive; covered by the directory layouts")
     _, splits = read_dataset(str(output))
-    on_disk = {}
-    for dirpath, _, files in os.walk(source):
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb") as handle:
-                on_disk[hashlib.sha256(handle.read()).hexdigest()] = name
+    digests = {hashlib.sha256(blob).hexdigest() for blob in source_blobs(source)}
     clean = [k for k in splits["train"] if k not in truth.quirks and k not in real_pngs(source)]
     assert clean
     for key in clean:
-        assert hashlib.sha256(splits["train"][key]["jpg"]).hexdigest() in on_disk, key
+        assert hashlib.sha256(splits["train"][key]["jpg"]).hexdigest() in digests, key
 
 
 def test_boxes_carried_into_json(ingested):
