@@ -16,8 +16,7 @@ from .sources import ClassInfo, Problem, Sample, Scan
 TAR_BLOCK = 512
 # Per sample: three member headers plus the .cls and .json payloads (one block each).
 SAMPLE_OVERHEAD_BYTES = 5 * TAR_BLOCK
-# The end-of-archive blocks, padded to tarfile's 10 KiB record.
-TAR_END_BYTES = 20 * TAR_BLOCK
+TAR_END_BYTES = 2 * TAR_BLOCK
 
 
 @dataclass(frozen=True)

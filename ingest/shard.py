@@ -54,8 +54,15 @@ def run(config: IngestConfig) -> RunReport:
 
 def _run_worker(config: IngestConfig, output: Location, fs, root: str, report: RunReport) -> None:
     source = resolve_input(config.input, config.storage_options)
+    image_settings = ImageSettings(config.resize, config.validate, config.quality)
+    with ShardRunner(config.processes, (source, output, image_settings)) as runner:
+        _plan_and_build(config, source, fs, root, runner, report)
+
+
+def _plan_and_build(config: IngestConfig, source: Location, fs, root: str, runner: ShardRunner,
+                    report: RunReport) -> None:
     log.info("listing %s", config.input)
-    scan, found = scan_input(source, config.source, config.splits)
+    scan, _ = scan_input(source, config.source, config.splits)
     settings = {"kind": scan.kind, **config.settings()}
     plan = make_plan(scan, seed=config.seed, shard_size=config.shard_size,
                      shard_bytes=config.shard_bytes, settings=settings)
@@ -66,9 +73,7 @@ def _run_worker(config: IngestConfig, output: Location, fs, root: str, report: R
     report.skipped = len(mine) - len(todo)
     log.info("%s: %d classes, %d shards planned, %d for this worker, %d already committed",
              scan.kind, len(plan.classes), len(plan.shards), len(mine), report.skipped)
-    image_settings = ImageSettings(config.resize, config.validate, config.quality)
-    worker_args = (source, output, image_settings, plan.plan_id)
-    report.written = _build_all(todo, worker_args, config.processes)
+    report.written = _build_all(todo, runner, plan.plan_id)
 
 
 def _claim_output(fs, root: str, plan: Plan, source: dict) -> None:
@@ -84,29 +89,44 @@ def _claim_output(fs, root: str, plan: Plan, source: dict) -> None:
             f"({'; '.join(changed) or 'the input files changed'}); use a new output location or delete that one")
 
 
-def _build_all(todo: list, worker_args: tuple, processes: int) -> list[dict]:
+def _build_all(todo: list, runner: ShardRunner, plan_id: str) -> list[dict]:
     total = sum(len(shard.samples) for shard in todo)
     written = []
-    with tqdm(total=total, unit="img", desc="shards", dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30) as bar:
-        for entry, planned in _results(todo, worker_args, processes):
+    with tqdm(total=total, unit="img", desc="shards", dynamic_ncols=True,
+              mininterval=1 if sys.stderr.isatty() else 30) as bar:
+        for entry in runner.results(todo, plan_id):
             written.append(entry)
-            bar.update(planned)
+            bar.update(entry["samples"] + len(entry["rejected"]))
             bar.set_postfix(shards=f"{len(written)}/{len(todo)}", refresh=False)
     return written
 
 
-def _results(todo: list, worker_args: tuple, processes: int):
-    """(index entry, planned samples) per shard, in completion order."""
-    processes = min(processes, len(todo))
-    if processes <= 1:
-        worker = ShardWorker(*worker_args)
-        for shard in todo:
-            yield worker(shard), len(shard.samples)
-        return
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(processes, initializer=_init_process, initargs=worker_args) as pool:
-        for entry in pool.imap_unordered(_process_shard, todo):
-            yield entry, entry["samples"] + len(entry["rejected"])
+class ShardRunner:
+    """Builds and commits shards in this process, or in a pool of processes started at once
+    so that their start-up (imports, opening storage) overlaps the listing of the input."""
+
+    def __init__(self, processes: int, worker_args: tuple):
+        self._pool = None
+        self._worker = None
+        if processes > 1:
+            context = multiprocessing.get_context("spawn")  # no fork: storage clients hold threads
+            self._pool = context.Pool(processes, initializer=_init_process, initargs=worker_args)
+        else:
+            self._worker = ShardWorker(*worker_args)
+
+    def results(self, todo: list, plan_id: str):
+        """Index entries of the committed shards, in completion order."""
+        if self._pool is None:
+            return (self._worker(shard, plan_id) for shard in todo)
+        return self._pool.imap_unordered(_process_shard, [(shard, plan_id) for shard in todo])
+
+    def __enter__(self) -> "ShardRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
 
 
 _WORKER: ShardWorker | None = None
@@ -117,8 +137,8 @@ def _init_process(*worker_args) -> None:
     _WORKER = ShardWorker(*worker_args)
 
 
-def _process_shard(shard) -> dict:
-    return _WORKER(shard)
+def _process_shard(task: tuple) -> dict:
+    return _WORKER(*task)
 
 
 def summary(report: RunReport) -> str:

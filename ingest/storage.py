@@ -110,12 +110,10 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     if set(_protocols(fs)) & ATOMIC_PUT_PROTOCOLS:
         fs.pipe_file(path, data)
         return
+    # No fsync: a killed process loses nothing the page cache holds, and after a power loss
+    # a resume re-checks every shard's size (ingest.verify its hash). It cost 40% of ingest time.
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with fs.open(tmp, "wb") as handle:
-        handle.write(data)
-        if is_local(fs):
-            handle.flush()
-            os.fsync(handle.fileno())
+    fs.pipe_file(tmp, data)
     fs.mv(tmp, path)
 
 

@@ -7,10 +7,8 @@ Tars are byte-reproducible (fixed mtime, owner and order), so a redone shard is 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
-import tarfile
 from collections import Counter
 from dataclasses import dataclass
 
@@ -19,7 +17,8 @@ import fsspec
 from .images import Normalized, RejectedImage, normalize
 from .plan import ShardPlan
 from .sources import Sample
-from .storage import Location, display, read_json, write_atomic, write_json
+from .storage import Location, display, is_local, read_json, write_atomic, write_json
+from .tarball import TarBuilder
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +38,17 @@ class InputReader:
 
     def __init__(self, location: Location):
         self.fs, _ = location.open()
+        # fsspec's local cat_file adds ~10 µs of path handling per call, a third of the
+        # per-image budget for TinyImageNet; the built-in open reads the same file.
+        self._local = is_local(self.fs)
 
     def read(self, sample: Sample) -> bytes:
+        if self._local:
+            with open(sample.path, "rb") as handle:
+                if sample.start is None:
+                    return handle.read()
+                handle.seek(sample.start)
+                return handle.read(sample.size)
         if sample.start is None:
             return self.fs.cat_file(sample.path)
         return self.fs.cat_file(sample.path, sample.start, sample.start + sample.size)
@@ -52,24 +60,23 @@ def index_path(root: str, shard_name: str) -> str:
 
 def build_shard(shard: ShardPlan, reader: InputReader, settings: ImageSettings) -> tuple[bytes, dict]:
     """The shard's tar bytes and its index entry (without the object's size and hash yet)."""
-    buffer = io.BytesIO()
+    tar = TarBuilder()
     reencoded: Counter[str] = Counter()
     rejected: list[dict] = []
     keys = hashlib.sha256()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for sample in shard.samples:
-            try:
-                image = normalize(_read(reader, sample), resize=settings.resize,
-                                  validate=settings.validate, quality=settings.quality)
-            except RejectedImage as exc:
-                rejected.append({"split": shard.split, "source": sample.source,
-                                 "reason": exc.reason, "detail": exc.detail})
-                continue
-            if image.reencoded:
-                reencoded[image.reencoded] += 1
-            for name, payload in _members(sample, image):
-                _add(tar, name, payload)
-            keys.update(f"{sample.key}\t{sample.label}\n".encode())
+    for sample in shard.samples:
+        try:
+            image = normalize(_read(reader, sample), resize=settings.resize,
+                              validate=settings.validate, quality=settings.quality)
+        except RejectedImage as exc:
+            rejected.append({"split": shard.split, "source": sample.source,
+                             "reason": exc.reason, "detail": exc.detail})
+            continue
+        if image.reencoded:
+            reencoded[image.reencoded] += 1
+        for name, payload in _members(sample, image):
+            tar.add(name, payload)
+        keys.update(f"{sample.key}\t{sample.label}\n".encode())
     entry = {
         "name": shard.name,
         "split": shard.split,
@@ -78,7 +85,7 @@ def build_shard(shard: ShardPlan, reader: InputReader, settings: ImageSettings) 
         "reencoded": dict(sorted(reencoded.items())),
         "rejected": rejected,
     }
-    return buffer.getvalue(), entry
+    return tar.getvalue(), entry
 
 
 def _read(reader: InputReader, sample: Sample) -> bytes:
@@ -98,14 +105,6 @@ def _members(sample: Sample, image: Normalized) -> list[tuple[str, bytes]]:
         members.append((f"{sample.key}.cls", str(sample.label).encode()))
     members.append((f"{sample.key}.json", json.dumps(meta, sort_keys=True).encode()))
     return members
-
-
-def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(payload)
-    info.mode = 0o444
-    info.mtime = 0
-    tar.addfile(info, io.BytesIO(payload))
 
 
 def commit_shard(fs: fsspec.AbstractFileSystem, root: str, data: bytes, entry: dict, plan_id: str) -> dict:
@@ -144,12 +143,11 @@ def read_plan(fs: fsspec.AbstractFileSystem, root: str) -> dict | None:
 class ShardWorker:
     """Everything one process needs to build and commit shards; created once per process."""
 
-    def __init__(self, source: Location, output: Location, settings: ImageSettings, plan_id: str):
+    def __init__(self, source: Location, output: Location, settings: ImageSettings):
         self.reader = InputReader(source)
         self.fs, self.root = output.open()
         self.settings = settings
-        self.plan_id = plan_id
 
-    def __call__(self, shard: ShardPlan) -> dict:
+    def __call__(self, shard: ShardPlan, plan_id: str) -> dict:
         data, entry = build_shard(shard, self.reader, self.settings)
-        return commit_shard(self.fs, self.root, data, entry, self.plan_id)
+        return commit_shard(self.fs, self.root, data, entry, plan_id)

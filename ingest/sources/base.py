@@ -6,21 +6,25 @@ a byte range (an image inside an uncompressed tar is just a range of the tar fil
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import fsspec
 
 from ..errors import InputError
+from ..storage import is_local
 
 Box = tuple[float, float, float, float]
 
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
-@dataclass(frozen=True, slots=True)
-class Sample:
+class Sample(NamedTuple):
+    """One image to store. A NamedTuple: millions are made, and sent to worker processes
+    (pickling a tuple costs a quarter of a dataclass)."""
+
     key: str                        # unique in its split; no dots or slashes (WebDataset keys)
     label: int | None               # class index; None for unlabelled splits (test)
     source: str                     # path shown to users, relative to the input
@@ -102,12 +106,21 @@ def list_files(fs: fsspec.AbstractFileSystem, directory: str) -> dict[str, int]:
     """Regular files directly in `directory` (hidden ones skipped) -> size in bytes."""
     if not fs.isdir(directory):
         raise InputError(f"{directory}: directory missing")
+    if is_local(fs):
+        return _list_local_files(directory)
     out = {}
     for info in fs.ls(directory, detail=True):
         name = info["name"].rstrip("/")
         if info["type"] == "file" and not name.rsplit("/", 1)[-1].startswith("."):
             out[name] = int(info["size"])
     return out
+
+
+def _list_local_files(directory: str) -> dict[str, int]:
+    """os.scandir: a third of fsspec's per-entry cost, which adds up over 1.28 M ImageNet files."""
+    with os.scandir(directory) as entries:
+        return {entry.path: entry.stat().st_size for entry in entries
+                if entry.is_file() and not entry.name.startswith(".")}
 
 
 def list_dirs(fs: fsspec.AbstractFileSystem, directory: str) -> list[str]:

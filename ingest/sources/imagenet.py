@@ -16,7 +16,6 @@ import re
 import tarfile
 
 import fsspec
-import scipy.io
 
 from ..errors import InputError
 from .base import Problem, Sample, Scan, SourceType, class_table, join, key_from_name
@@ -64,6 +63,8 @@ def _read_members(blob: bytes, suffixes: tuple[str, ...]) -> dict[str, bytes]:
 
 
 def _parse_meta(path: str, blob: bytes) -> tuple[dict[int, str], dict[str, str]]:
+    import scipy.io  # 0.1 s to import; only this layout needs it
+
     try:
         synsets = scipy.io.loadmat(io.BytesIO(blob), squeeze_me=True)["synsets"]
         leaves = [s for s in synsets.ravel() if int(s["num_children"]) == 0]
