@@ -66,10 +66,8 @@ def make_plan(scan: Scan, *, seed: int, shard_size: int, shard_bytes: int | None
     shards: list[ShardPlan] = []
     digest = hashlib.sha256(repr(sorted(settings.items())).encode())
     for split, samples in scan.splits.items():
-        unique = _drop_duplicates(split, samples, problems)
-        unique.sort(key=lambda s: s.key)
-        for s in unique:
-            digest.update(f"{split}\t{s.key}\t{s.label}\t{s.size}\t{s.source}\n".encode())
+        unique = _drop_duplicates(split, sorted(samples, key=lambda s: (s.key, s.source)), problems)
+        digest.update("".join(f"{split}\t{s.key}\t{s.label}\t{s.size}\t{s.source}\n" for s in unique).encode())
         random.Random(f"{seed}:{split}").shuffle(unique)
         cuts = _cut(unique, shard_size, shard_bytes)
         shards += [ShardPlan(split, n, tuple(group)) for n, group in enumerate(cuts)]
@@ -78,16 +76,16 @@ def make_plan(scan: Scan, *, seed: int, shard_size: int, shard_bytes: int | None
     return Plan(digest.hexdigest()[:16], scan.classes, shards, problems, labelled)
 
 
-def _drop_duplicates(split: str, samples: list[Sample], problems: list[Problem]) -> list[Sample]:
-    """Keep the first sample per key in source order; the others become counted problems."""
-    kept: dict[str, Sample] = {}
-    for sample in sorted(samples, key=lambda s: (s.key, s.source)):
-        if sample.key in kept:
+def _drop_duplicates(split: str, ordered: list[Sample], problems: list[Problem]) -> list[Sample]:
+    """From samples sorted by (key, source): keep the first of each key, count the others."""
+    kept: list[Sample] = []
+    for sample in ordered:
+        if kept and kept[-1].key == sample.key:
             problems.append(Problem(split, sample.source, "duplicate_key",
-                                    f"key {sample.key} already used by {kept[sample.key].source}"))
+                                    f"key {sample.key} already used by {kept[-1].source}"))
         else:
-            kept[sample.key] = sample
-    return list(kept.values())
+            kept.append(sample)
+    return kept
 
 
 def _cut(samples: list[Sample], shard_size: int, shard_bytes: int | None) -> list[list[Sample]]:
