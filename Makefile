@@ -15,6 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: setup
+	$(BIN)/ruff check ingest bench tests
 	$(BIN)/python -m pytest
 
 # Synthesise a small TinyImageNet-layout data set (with real-data quirks), shard it, verify it.

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import EXIT_INTERRUPTED, EXIT_OK, IngestError
 

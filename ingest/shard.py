@@ -11,7 +11,6 @@ import multiprocessing
 import os
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
@@ -62,7 +61,7 @@ def _run_worker(config: IngestConfig, output: Location, fs, root: str, report: R
 def _plan_and_build(config: IngestConfig, source: Location, fs, root: str, runner: ShardRunner,
                     report: RunReport) -> None:
     log.info("listing %s", config.input)
-    scan, _ = scan_input(source, config.source, config.splits)
+    scan = scan_input(source, config.source, config.splits)
     settings = {"kind": scan.kind, **config.settings()}
     plan = make_plan(scan, seed=config.seed, shard_size=config.shard_size,
                      shard_bytes=config.shard_bytes, settings=settings)
@@ -120,7 +119,7 @@ class ShardRunner:
             return (self._worker(shard, plan_id) for shard in todo)
         return self._pool.imap_unordered(_process_shard, [(shard, plan_id) for shard in todo])
 
-    def __enter__(self) -> "ShardRunner":
+    def __enter__(self) -> ShardRunner:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from . import cli
 from .errors import EXIT_CODES, EXIT_INCOMPLETE, EXIT_OK
 from .manifest import load_manifest
-from .storage import Location, display, parse_storage_options
+from .storage import Location, parse_storage_options
 
 
 def check_shard(fs, root: str, shard: dict, labelled: bool, num_classes: int) -> list[str]:

@@ -8,7 +8,7 @@ import re
 import shutil
 import tarfile
 import zipfile
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -170,7 +170,7 @@ def test_imagenet_labels_follow_wnid_not_ilsvrc_id(tmp_path):
                            val_per_class=2, size=32, seed=1)
     by_id = [w for w, _ in sorted(truth.ilsvrc_ids.items(), key=lambda kv: kv[1])]
     assert by_id != sorted(by_id), "the generator must make the ILSVRC2012_ID trap"
-    scan, _ = scan_input(resolve_input(str(tmp_path / "in")), "imagenet", ("val",))
+    scan = scan_input(resolve_input(str(tmp_path / "in")), "imagenet", ("val",))
     index = {c.wnid: c.index for c in scan.classes}
     assert {s.key: s.label for s in scan.splits["val"]} == {k: index[w] for k, w in truth.splits["val"].items()}
 

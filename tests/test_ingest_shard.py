@@ -12,7 +12,12 @@ import time
 import pytest
 
 from ingest import synth
-from ingest.errors import EXIT_INCOMPLETE, EXIT_INPUT, EXIT_OUTPUT, EXIT_USAGE
+from ingest.config import IngestConfig
+from ingest.errors import EXIT_INCOMPLETE, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OUTPUT, EXIT_USAGE
+
+from ingest.shard import run
+from ingest.storage import Location
+from ingest.verify import verify
 
 from .conftest import REPO, run_cli
 from .helpers import read_dataset, shard_bytes
@@ -56,19 +61,34 @@ def test_rerun_of_finished_job_rewrites_nothing(tiny, tmp_path):
     assert "0 shards written" in second.stdout and "already committed" in second.stdout
 
 
-def test_resume_after_sigkill_gives_the_same_dataset(tiny, reference, tmp_path):
-    out = tmp_path / "out"
-    process = subprocess.Popen([sys.executable, "-m", "ingest.shard", "--input", str(tiny[1]), "--output", str(out),
-                                "--shard-size", "4", "--processes", "1"], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start_and_interrupt(source, out, processes: str, sig: signal.Signals) -> subprocess.Popen:
+    """Start an ingest and send `sig` to its process group once three shards are committed."""
+    process = subprocess.Popen([sys.executable, "-m", "ingest.shard", "--input", str(source), "--output", str(out),
+                                "--shard-size", "4", "--processes", processes], cwd=REPO, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     index = out / "_index"
     deadline = time.monotonic() + 60
     while not (index.is_dir() and len([p for p in os.listdir(index) if p.endswith(".tar.json")]) >= 3):
-        assert time.monotonic() < deadline and process.poll() is None, "run ended before it could be killed"
+        assert time.monotonic() < deadline and process.poll() is None, "run ended before it could be interrupted"
         time.sleep(0.002)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    os.killpg(process.pid, sig)
+    process.communicate(timeout=60)
     assert not (out / "manifest.json").exists()
+    return process
+
+
+def test_ctrl_c_exits_cleanly_and_rerun_completes(tiny, reference, tmp_path):
+    out = tmp_path / "out"
+    process = start_and_interrupt(tiny[1], out, "2", signal.SIGINT)
+    assert process.returncode == EXIT_INTERRUPTED
+    ingest(tiny[1], out, "--processes", "2")
+    assert shard_bytes(str(out)) == reference
+
+
+def test_resume_after_sigkill_gives_the_same_dataset(tiny, reference, tmp_path):
+    out = tmp_path / "out"
+    start_and_interrupt(tiny[1], out, "1", signal.SIGKILL)
+    index = out / "_index"
     # Also the other crash windows: a shard written but its index entry not, and a half-written temp file.
     entries = sorted(p for p in os.listdir(index) if p.endswith(".tar.json"))
     os.remove(index / entries[0])
@@ -226,3 +246,15 @@ def test_help_explains_every_flag():
     for flag in ("--input", "--output", "--source", "--shard-size", "--shard-bytes", "--processes", "--num-workers",
                  "--worker-index", "--finalize", "--resize", "--seed", "--splits", "--storage-option", "exit codes"):
         assert flag in result.stdout
+
+
+def test_file_and_memory_urls_give_the_same_dataset(tiny, reference, tmp_path):
+    run_cli("ingest.shard", "--input", tiny[1], "--output", f"file://{tmp_path}/out", "--shard-size", "4",
+            "--processes", "1", check=True)
+    assert shard_bytes(f"file://{tmp_path}/out") == reference
+    # memory:// lives inside one process, so this one runs in-process.
+    report = run(IngestConfig(output="memory://ingest-test", input=str(tiny[1]), shard_size=4, processes=1))
+    assert report.manifest is not None
+    assert shard_bytes("memory://ingest-test") == reference
+    checked, problems = verify(Location("memory://ingest-test"))
+    assert (checked, problems) == (sum(name.endswith(".tar") for name in reference), [])

@@ -33,7 +33,7 @@ def detect(fs: fsspec.AbstractFileSystem, root: str, source: str) -> tuple[Sourc
                      f"dataset layout found (looked for {looked})")
 
 
-def scan_input(location: Location, source: str, splits: tuple[str, ...]) -> tuple[Scan, str]:
+def scan_input(location: Location, source: str, splits: tuple[str, ...]) -> Scan:
     """List the input: its classes and the samples of the requested splits."""
     fs, root = location.open()
     kind, found = detect(fs, root, source)
@@ -41,6 +41,6 @@ def scan_input(location: Location, source: str, splits: tuple[str, ...]) -> tupl
     if unknown:
         raise InputError(f"{kind.name} has no split {', '.join(unknown)} (it has: {', '.join(kind.splits)})")
     try:
-        return kind.scan(fs, found, splits), found
+        return kind.scan(fs, found, splits)
     except FileNotFoundError as exc:
         raise InputError(f"{exc.filename or exc}: missing ({kind.name} layout)") from None
