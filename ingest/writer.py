@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass
 
@@ -38,20 +39,32 @@ class InputReader:
 
     def __init__(self, location: Location):
         self.fs, _ = location.open()
-        # fsspec's local cat_file adds ~10 µs of path handling per call, a third of the
-        # per-image budget for TinyImageNet; the built-in open reads the same file.
+        # fsspec's local cat_file costs ~20 µs a call, os.read of the listed size ~4 µs:
+        # for 2 KB TinyImageNet files that is half of the per-image time.
         self._local = is_local(self.fs)
 
     def read(self, sample: Sample) -> bytes:
         if self._local:
-            with open(sample.path, "rb") as handle:
-                if sample.start is None:
-                    return handle.read()
-                handle.seek(sample.start)
-                return handle.read(sample.size)
+            return _read_local(sample)
         if sample.start is None:
             return self.fs.cat_file(sample.path)
         return self.fs.cat_file(sample.path, sample.start, sample.start + sample.size)
+
+
+def _read_local(sample: Sample) -> bytes:
+    fd = os.open(sample.path, os.O_RDONLY)
+    try:
+        if sample.start is not None:
+            return os.pread(fd, sample.size, sample.start)
+        data = os.read(fd, sample.size + 1)   # one call when the file is as listed
+        if len(data) <= sample.size:
+            return data
+        chunks = [data]
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def index_path(root: str, shard_name: str) -> str:
