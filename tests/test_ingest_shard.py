@@ -258,3 +258,17 @@ def test_file_and_memory_urls_give_the_same_dataset(tiny, reference, tmp_path):
     assert shard_bytes("memory://ingest-test") == reference
     checked, problems = verify(Location("memory://ingest-test"))
     assert (checked, problems) == (sum(name.endswith(".tar") for name in reference), [])
+
+
+def test_a_malformed_box_drops_the_box_not_the_sample(tmp_path):
+    path = tmp_path / "tiny"
+    truth = synth.generate(str(path), classes=3, train_per_class=2, val_per_class=2, size=32)
+    annotations = path / "val" / "val_annotations.txt"
+    lines = annotations.read_text().splitlines()
+    name, wnid = lines[0].split("\t")[:2]
+    lines[0] = f"{name}\t{wnid}\tnan\t1\tx\t3"
+    annotations.write_text("\n".join(lines) + "\n")
+    ingest(path, tmp_path / "out", "--processes", "1")
+    _, splits = read_dataset(str(tmp_path / "out"))
+    assert len(splits["val"]) == len(truth.splits["val"])
+    assert "boxes" not in splits["val"][name.split(".")[0]]["json"]

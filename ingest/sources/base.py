@@ -6,6 +6,7 @@ a byte range (an image inside an uncompressed tar is just a range of the tar fil
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -98,9 +99,18 @@ def text_lines(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
     return [line for line in read_text(fs, path).splitlines() if line.strip()]
 
 
-def parse_box(fields: list[str]) -> Box:
-    x0, y0, x1, y1 = (float(v) for v in fields)
-    return (x0, y0, x1, y1)
+def parse_boxes(fields: list[str]) -> tuple[Box, ...]:
+    """`["x0", "y0", "x1", "y1", ...]` -> boxes; a box that is not four finite numbers is dropped
+    (boxes are metadata: a bad one must not cost the sample)."""
+    boxes = []
+    for i in range(0, len(fields) - 3, 4):
+        try:
+            box = tuple(float(v) for v in fields[i:i + 4])
+        except ValueError:
+            continue
+        if all(math.isfinite(v) for v in box):
+            boxes.append(box)
+    return tuple(boxes)
 
 
 def list_files(fs: fsspec.AbstractFileSystem, directory: str) -> dict[str, int]:

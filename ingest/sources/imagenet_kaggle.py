@@ -16,7 +16,7 @@ import fsspec
 
 from ..errors import InputError
 from .base import (Problem, Sample, Scan, SourceType, class_table, join, key_from_name,
-                   list_dirs, list_files, parse_box, read_text, relative, text_lines)
+                   list_dirs, list_files, parse_boxes, read_text, relative, text_lines)
 
 DATA = "ILSVRC/Data/CLS-LOC"
 MAPPING = "LOC_synset_mapping.txt"
@@ -57,7 +57,8 @@ def _solutions(fs, path: str, index: dict[str, int]) -> dict[str, tuple[int, tup
         wnid = fields[0]
         if wnid not in index:
             raise InputError(f"{path}: line {number}: wnid {wnid} is not in {MAPPING}")
-        boxes = tuple(parse_box(fields[i + 1:i + 5]) for i in range(0, len(fields) - 4, 5))
+        # "<wnid> x0 y0 x1 y1 <wnid> x0 y0 x1 y1 ...": every box names the image's class.
+        boxes = parse_boxes([v for i, v in enumerate(fields) if i % 5])
         out[row[0].strip()] = (index[wnid], boxes)
     return out
 

@@ -12,7 +12,7 @@ import fsspec
 
 from ..errors import InputError
 from .base import (Problem, Sample, Scan, SourceType, class_table, join, key_from_name,
-                   list_dirs, list_files, parse_box, relative, text_lines)
+                   list_dirs, list_files, parse_boxes, relative, text_lines)
 
 SPLITS = ("train", "val", "test")
 
@@ -58,9 +58,8 @@ def _train(fs, root: str, index: dict[str, int], problems: list[Problem]) -> lis
         boxes = _boxes(fs, join(root, "train", wnid, f"{wnid}_boxes.txt"))
         for path, size in list_files(fs, images).items():
             name = path.rsplit("/", 1)[-1]
-            box = boxes.get(name)
             samples.append(Sample(key_from_name(name), label, relative(path, root), size, path,
-                                  boxes=(box,) if box else ()))
+                                  boxes=boxes.get(name, ())))
     return samples
 
 
@@ -69,9 +68,8 @@ def _boxes(fs, path: str) -> dict[str, tuple]:
         return {}
     out = {}
     for line in text_lines(fs, path):
-        fields = line.split()
-        if len(fields) == 5:
-            out[fields[0]] = parse_box(fields[1:])
+        name, *fields = line.split()
+        out[name] = parse_boxes(fields)
     return out
 
 
@@ -94,8 +92,8 @@ def _val(fs, root: str, index: dict[str, int], problems: list[Problem]) -> list[
                                     f"listed in {relative(annotations, root)} line {number}"))
             continue
         path, size = by_name[name]
-        box = (parse_box(fields[2:6]),) if len(fields) >= 6 else ()
-        samples.append(Sample(key_from_name(name), index[wnid], relative(path, root), size, path, boxes=box))
+        samples.append(Sample(key_from_name(name), index[wnid], relative(path, root), size, path,
+                              boxes=parse_boxes(fields[2:6])))
         labelled.add(name)
     for name in sorted(set(by_name) - labelled):
         problems.append(Problem("val", f"val/images/{name}", "no_label", "not in val_annotations.txt"))
