@@ -21,31 +21,62 @@ from .errors import EXIT_CODES, EXIT_INCOMPLETE, EXIT_OK
 from .manifest import load_manifest
 from .storage import Location, parse_storage_options
 
+CHUNK = 8 << 20
+
 
 def check_shard(fs, root: str, shard: dict, labelled: bool, num_classes: int) -> list[str]:
-    """The problems of one shard, each a line naming it; empty when it matches the manifest."""
+    """The problems of one shard, each a line naming it; empty when it matches the manifest.
+    The object is streamed once (hash and tar parse together), so memory stays flat."""
     name, path = shard["name"], f"{root}/{shard['name']}"
     try:
-        data = fs.cat_file(path)
+        size = fs.size(path)
     except FileNotFoundError:
         return [f"{name}: missing"]
-    if len(data) != shard["bytes"]:
-        return [f"{name}: size {len(data)} bytes, manifest says {shard['bytes']}"]
-    digest = hashlib.sha256(data).hexdigest()
+    if size != shard["bytes"]:
+        return [f"{name}: size {size} bytes, manifest says {shard['bytes']}"]
+    with fs.open(path, "rb") as handle:
+        stream = _HashingReader(handle)
+        members, tar_error = _read_members(stream)
+        while stream.read(CHUNK):
+            pass
+    digest = stream.sha256.hexdigest()
     if digest != shard["sha256"]:
         return [f"{name}: sha256 {digest[:12]}..., manifest says {shard['sha256'][:12]}..."]
-    return _check_samples(name, data, shard["samples"], labelled, num_classes)
+    if tar_error:
+        return [f"{name}: not a readable tar ({tar_error})"]
+    return _check_samples(name, members, shard["samples"], labelled, num_classes)
 
 
-def _check_samples(name: str, data: bytes, expected: int, labelled: bool, num_classes: int) -> list[str]:
+class _HashingReader(io.RawIOBase):
+    """A read-through file that hashes what passes."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.sha256 = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.handle.read(size)
+        self.sha256.update(data)
+        return data
+
+
+def _read_members(stream) -> tuple[dict[str, dict[str, bytes]], str | None]:
+    """key -> {extension: payload (.cls only; others b"")}, and the tar error if any."""
     members: dict[str, dict[str, bytes]] = defaultdict(dict)
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
                 key, _, ext = member.name.partition(".")
                 members[key][ext] = tar.extractfile(member).read() if ext == "cls" else b""
     except tarfile.TarError as exc:
-        return [f"{name}: not a readable tar ({exc})"]
+        return members, str(exc)
+    return members, None
+
+
+def _check_samples(name: str, members: dict, expected: int, labelled: bool, num_classes: int) -> list[str]:
     problems = []
     if len(members) != expected:
         problems.append(f"{name}: {len(members)} samples, manifest says {expected}")

@@ -272,3 +272,26 @@ def test_a_malformed_box_drops_the_box_not_the_sample(tmp_path):
     _, splits = read_dataset(str(tmp_path / "out"))
     assert len(splits["val"]) == len(truth.splits["val"])
     assert "boxes" not in splits["val"][name.split(".")[0]]["json"]
+
+
+def test_verify_checks_labels_and_tar_structure_behind_a_matching_hash(tiny, tmp_path):
+    import hashlib
+
+    out = tmp_path / "out"
+    ingest(tiny[1], out, "--processes", "1")
+    manifest = json.loads((out / "manifest.json").read_text())
+    first, second = manifest["splits"]["train"]["shards"][:2]
+    data = (out / first["name"]).read_bytes()
+    cls_at = data.index(b".cls\x00")
+    payload_at = (cls_at // 512 + 1) * 512      # the .cls payload follows its header block
+    # A one-digit label becomes 9, outside the 6 classes; the second shard is not a tar at all.
+    forged = {first["name"]: data[:payload_at] + b"9" + data[payload_at + 1:],
+              second["name"]: b"\x01" * second["bytes"]}
+    for shard in (first, second):
+        (out / shard["name"]).write_bytes(forged[shard["name"]])
+        shard["sha256"] = hashlib.sha256(forged[shard["name"]]).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    result = run_cli("ingest.verify", out)
+    assert result.returncode == EXIT_INCOMPLETE
+    assert f"{first['name']}: sample" in result.stdout and "no class index in 0..5" in result.stdout
+    assert f"{second['name']}: not a readable tar" in result.stdout or f"{second['name']}: 0 samples" in result.stdout
