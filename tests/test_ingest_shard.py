@@ -294,4 +294,4 @@ def test_verify_checks_labels_and_tar_structure_behind_a_matching_hash(tiny, tmp
     result = run_cli("ingest.verify", out)
     assert result.returncode == EXIT_INCOMPLETE
     assert f"{first['name']}: sample" in result.stdout and "no class index in 0..5" in result.stdout
-    assert f"{second['name']}: not a readable tar" in result.stdout or f"{second['name']}: 0 samples" in result.stdout
+    assert f"{second['name']}: not a readable tar" in result.stdout
