@@ -20,7 +20,7 @@ from .config import IngestConfig, parse_bytes
 from .errors import EXIT_CODES, OutputError
 from .manifest import finalize
 from .plan import Plan, make_plan
-from .sources import CHOICES, scan_input
+from .sources import CHOICES, scan_input, serial_starmap
 from .storage import Location, display, parse_storage_options, prepare_output, resolve_input, write_json
 from .writer import PLAN_FILE, ImageSettings, ShardWorker, load_committed, read_plan
 
@@ -61,7 +61,7 @@ def _run_worker(config: IngestConfig, output: Location, fs, root: str, report: R
 def _plan_and_build(config: IngestConfig, source: Location, fs, root: str, runner: ShardRunner,
                     report: RunReport) -> None:
     log.info("listing %s", config.input)
-    scan = scan_input(source, config.source, config.splits)
+    scan = scan_input(source, config.source, config.splits, runner.starmap)
     settings = {"kind": scan.kind, **config.settings()}
     plan = make_plan(scan, seed=config.seed, shard_size=config.shard_size,
                      shard_bytes=config.shard_bytes, settings=settings)
@@ -107,11 +107,18 @@ class ShardRunner:
     def __init__(self, processes: int, worker_args: tuple):
         self._pool = None
         self._worker = None
+        self._processes = processes
         if processes > 1:
             context = multiprocessing.get_context("spawn")  # no fork: storage clients hold threads
             self._pool = context.Pool(processes, initializer=_init_process, initargs=worker_args)
         else:
             self._worker = ShardWorker(*worker_args)
+
+    def starmap(self, fn, args: list[tuple]) -> list:
+        """[fn(*a) for a in args], in the pool when there is one (used for listing the input)."""
+        if self._pool is None:
+            return serial_starmap(fn, args)
+        return self._pool.starmap(fn, args, chunksize=max(1, len(args) // (8 * self._processes)))
 
     def results(self, todo: list, plan_id: str):
         """Index entries of the committed shards, in completion order."""

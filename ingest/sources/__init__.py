@@ -6,7 +6,7 @@ import fsspec
 from ..errors import InputError
 from ..storage import Location, display
 from . import imagefolder, imagenet, imagenet_kaggle, tinyimagenet
-from .base import ClassInfo, Problem, Sample, Scan, SourceType
+from .base import ClassInfo, Problem, Sample, Scan, SourceType, StarMap, serial_starmap
 
 # Most specific first: an imagefolder tree would also match the others' folders.
 SOURCES: dict[str, SourceType] = {
@@ -16,7 +16,7 @@ SOURCES: dict[str, SourceType] = {
 ALIASES = {"auto": tuple(SOURCES), "imagenet": ("imagenet", "imagenet-kaggle")}
 CHOICES = ("auto", *SOURCES)
 
-__all__ = ["SOURCES", "CHOICES", "scan_input", "ClassInfo", "Problem", "Sample", "Scan"]
+__all__ = ["SOURCES", "CHOICES", "scan_input", "serial_starmap", "ClassInfo", "Problem", "Sample", "Scan", "StarMap"]
 
 
 def detect(fs: fsspec.AbstractFileSystem, root: str, source: str) -> tuple[SourceType, str]:
@@ -33,7 +33,8 @@ def detect(fs: fsspec.AbstractFileSystem, root: str, source: str) -> tuple[Sourc
                      f"dataset layout found (looked for {looked})")
 
 
-def scan_input(location: Location, source: str, splits: tuple[str, ...]) -> Scan:
+def scan_input(location: Location, source: str, splits: tuple[str, ...],
+               starmap: StarMap = serial_starmap) -> Scan:
     """List the input: its classes and the samples of the requested splits."""
     fs, root = location.open()
     kind, found = detect(fs, root, source)
@@ -41,6 +42,6 @@ def scan_input(location: Location, source: str, splits: tuple[str, ...]) -> Scan
     if unknown:
         raise InputError(f"{kind.name} has no split {', '.join(unknown)} (it has: {', '.join(kind.splits)})")
     try:
-        return kind.scan(fs, found, splits)
+        return kind.scan(fs, found, splits, starmap)
     except FileNotFoundError as exc:
         raise InputError(f"{exc.filename or exc}: missing ({kind.name} layout)") from None

@@ -19,6 +19,14 @@ from ..errors import InputError
 from ..storage import is_local
 
 Box = tuple[float, float, float, float]
+# How a source runs independent listing tasks, e.g. one per class folder: `starmap(fn, args)`
+# -> [fn(*a) for a in args], in order; the ingest passes its worker pool's, so listing runs in
+# parallel. `fn` must be a module-level function (it may be sent to another process).
+StarMap = Callable[[Callable, list[tuple]], list]
+
+
+def serial_starmap(fn: Callable, args: list[tuple]) -> list:
+    return [fn(*a) for a in args]
 
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -71,7 +79,7 @@ class SourceType:
     looks_for: str                                                  # said when nothing matched
     splits: tuple[str, ...] | None                                  # None: whatever folders exist
     find_root: Callable[[fsspec.AbstractFileSystem, str], str | None]
-    scan: Callable[[fsspec.AbstractFileSystem, str, tuple[str, ...]], Scan]
+    scan: Callable[[fsspec.AbstractFileSystem, str, tuple[str, ...], StarMap], Scan]
 
 
 def safe_key(text: str) -> str:

@@ -11,8 +11,8 @@ from collections import Counter
 import fsspec
 
 from ..errors import InputError
-from .base import (Sample, Scan, SourceType, class_table, join, key_from_name, list_dirs, list_files, relative,
-                   safe_key)
+from .base import (Sample, Scan, SourceType, StarMap, class_table, join, key_from_name, list_dirs, list_files, relative,
+                   safe_key, serial_starmap)
 
 
 # Detection wants a split folder with one of these names, so that an arbitrary tree of
@@ -30,7 +30,8 @@ def find_root(fs: fsspec.AbstractFileSystem, root: str) -> str | None:
     return None
 
 
-def scan(fs: fsspec.AbstractFileSystem, root: str, splits: tuple[str, ...]) -> Scan:
+def scan(fs: fsspec.AbstractFileSystem, root: str, splits: tuple[str, ...],
+         starmap: StarMap = serial_starmap) -> Scan:
     available = [d.rsplit("/", 1)[-1] for d in list_dirs(fs, root)]
     missing = [s for s in splits if s not in available]
     if missing:
@@ -40,12 +41,14 @@ def scan(fs: fsspec.AbstractFileSystem, root: str, splits: tuple[str, ...]) -> S
     classes, index = class_table(wnids, {})
     result = Scan("imagefolder", classes, {})
     for split, split_folders in folders.items():
-        result.splits[split] = _split(fs, root, split_folders, index)
+        result.splits[split] = _split(fs, root, split_folders, index, starmap)
     return result
 
 
-def _split(fs, root: str, folders: list[str], index: dict[str, int]) -> list[Sample]:
-    files = [(f.rsplit("/", 1)[-1], path, size) for f in folders for path, size in list_files(fs, f).items()]
+def _split(fs, root: str, folders: list[str], index: dict[str, int], starmap: StarMap) -> list[Sample]:
+    listings = starmap(list_files, [(fs, f) for f in folders])
+    files = [(f.rsplit("/", 1)[-1], path, size) for f, listing in zip(folders, listings)
+             for path, size in listing.items()]
     stems = Counter(key_from_name(path) for _, path, size in files)
     prefix = any(count > 1 for count in stems.values())
     return [

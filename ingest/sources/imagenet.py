@@ -18,7 +18,7 @@ import tarfile
 import fsspec
 
 from ..errors import InputError
-from .base import Problem, Sample, Scan, SourceType, class_table, join, key_from_name
+from .base import Problem, Sample, Scan, SourceType, StarMap, class_table, join, key_from_name, serial_starmap
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -75,7 +75,9 @@ def _parse_meta(path: str, blob: bytes) -> tuple[dict[int, str], dict[str, str]]
     return id_to_wnid, names
 
 
-def scan(fs: fsspec.AbstractFileSystem, root: str, splits: tuple[str, ...]) -> Scan:
+def scan(fs: fsspec.AbstractFileSystem, root: str, splits: tuple[str, ...],
+         starmap: StarMap = serial_starmap) -> Scan:
+    """The tar walk is one sequential pass over headers, so `starmap` is not used."""
     devkit_path = join(root, DEVKIT)
     devkit = Devkit(fs, devkit_path) if fs.isfile(devkit_path) else None
     train = _list_train(fs, join(root, TRAIN_TAR)) if "train" in splits else None

@@ -15,8 +15,9 @@ import io
 import fsspec
 
 from ..errors import InputError
-from .base import (Problem, Sample, Scan, SourceType, class_table, join, key_from_name,
-                   list_dirs, list_files, parse_boxes, read_text, relative, text_lines)
+from .base import (Problem, Sample, Scan, SourceType, StarMap, class_table, join, key_from_name,
+                   list_dirs, list_files, parse_boxes, read_text, relative, serial_starmap,
+                   text_lines)
 
 DATA = "ILSVRC/Data/CLS-LOC"
 MAPPING = "LOC_synset_mapping.txt"
@@ -32,16 +33,19 @@ def find_root(fs: fsspec.AbstractFileSystem, root: str) -> str | None:
     return None
 
 
-def scan(fs: fsspec.AbstractFileSystem, root: str, splits: tuple[str, ...]) -> Scan:
+def scan(fs: fsspec.AbstractFileSystem, root: str, splits: tuple[str, ...],
+         starmap: StarMap = serial_starmap) -> Scan:
     names = {}
     for line in text_lines(fs, join(root, MAPPING)):
         wnid, _, name = line.strip().partition(" ")
         names[wnid] = name.strip()
     classes, index = class_table(list(names), names)
-    listers = {"train": _train, "val": _val, "test": _test}
     result = Scan("imagenet-kaggle", classes, {})
     for split in splits:
-        result.splits[split] = listers[split](fs, root, index, result.problems)
+        if split == "train":
+            result.splits[split] = _train(fs, root, index, starmap)
+        else:
+            result.splits[split] = {"val": _val, "test": _test}[split](fs, root, index, result.problems)
     return result
 
 
@@ -63,19 +67,22 @@ def _solutions(fs, path: str, index: dict[str, int]) -> dict[str, tuple[int, tup
     return out
 
 
-def _train(fs, root: str, index: dict[str, int], problems: list[Problem]) -> list[Sample]:
+def _train(fs, root: str, index: dict[str, int], starmap: StarMap) -> list[Sample]:
     solution = join(root, "LOC_train_solution.csv")
     boxes = _solutions(fs, solution, index) if fs.isfile(solution) else {}
-    samples = []
+    tasks = []
     for directory in list_dirs(fs, join(root, DATA, "train")):
         wnid = directory.rsplit("/", 1)[-1]
         if wnid not in index:
             raise InputError(f"{directory}: class folder {wnid} is not in {MAPPING}")
-        for path, size in list_files(fs, directory).items():
-            key = key_from_name(path)
-            samples.append(Sample(key, index[wnid], relative(path, root), size, path,
-                                  boxes=boxes.get(key, (None, ()))[1]))
-    return samples
+        tasks.append((fs, root, directory, index[wnid]))
+    samples = [s for per_class in starmap(_train_class, tasks) for s in per_class]
+    return [s._replace(boxes=boxes[s.key][1]) if s.key in boxes else s for s in samples]
+
+
+def _train_class(fs, root: str, directory: str, label: int) -> list[Sample]:
+    return [Sample(key_from_name(path), label, relative(path, root), size, path)
+            for path, size in list_files(fs, directory).items()]
 
 
 def _val(fs, root: str, index: dict[str, int], problems: list[Problem]) -> list[Sample]:

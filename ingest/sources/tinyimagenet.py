@@ -11,8 +11,8 @@ from __future__ import annotations
 import fsspec
 
 from ..errors import InputError
-from .base import (Problem, Sample, Scan, SourceType, class_table, join, key_from_name,
-                   list_dirs, list_files, parse_boxes, relative, text_lines)
+from .base import (Problem, Sample, Scan, SourceType, StarMap, class_table, join, key_from_name,
+                   list_dirs, list_files, parse_boxes, relative, serial_starmap, text_lines)
 
 SPLITS = ("train", "val", "test")
 
@@ -39,27 +39,30 @@ def read_names(fs: fsspec.AbstractFileSystem, root: str, wanted: set[str]) -> di
     return names
 
 
-def scan(fs: fsspec.AbstractFileSystem, root: str, splits: tuple[str, ...]) -> Scan:
+def scan(fs: fsspec.AbstractFileSystem, root: str, splits: tuple[str, ...],
+         starmap: StarMap = serial_starmap) -> Scan:
     wnids = [line.strip() for line in text_lines(fs, join(root, "wnids.txt"))]
     classes, index = class_table(wnids, read_names(fs, root, set(wnids)))
-    listers = {"train": _train, "val": _val, "test": _test}
     result = Scan("tinyimagenet", classes, {})
     for split in splits:
-        result.splits[split] = listers[split](fs, root, index, result.problems)
+        if split == "train":
+            per_class = starmap(_train_class, [(fs, root, wnid, label) for wnid, label in index.items()])
+            result.splits[split] = [sample for samples in per_class for sample in samples]
+        else:
+            result.splits[split] = {"val": _val, "test": _test}[split](fs, root, index, result.problems)
     return result
 
 
-def _train(fs, root: str, index: dict[str, int], problems: list[Problem]) -> list[Sample]:
+def _train_class(fs, root: str, wnid: str, label: int) -> list[Sample]:
+    images = join(root, "train", wnid, "images")
+    if not fs.isdir(images):
+        raise InputError(f"{images}: missing (wnids.txt lists {wnid})")
+    boxes = _boxes(fs, join(root, "train", wnid, f"{wnid}_boxes.txt"))
     samples = []
-    for wnid, label in index.items():
-        images = join(root, "train", wnid, "images")
-        if not fs.isdir(images):
-            raise InputError(f"{images}: missing (wnids.txt lists {wnid})")
-        boxes = _boxes(fs, join(root, "train", wnid, f"{wnid}_boxes.txt"))
-        for path, size in list_files(fs, images).items():
-            name = path.rsplit("/", 1)[-1]
-            samples.append(Sample(key_from_name(name), label, relative(path, root), size, path,
-                                  boxes=boxes.get(name, ())))
+    for path, size in list_files(fs, images).items():
+        name = path.rsplit("/", 1)[-1]
+        samples.append(Sample(key_from_name(name), label, relative(path, root), size, path,
+                              boxes=boxes.get(name, ())))
     return samples
 
 
