@@ -50,7 +50,7 @@ class IngestConfig:
             (self.shard_bytes is None or self.shard_bytes >= 1, f"shard bytes {self.shard_bytes} must be >= 1"),
             (self.processes >= 1, f"processes {self.processes} must be >= 1"),
             (self.num_workers >= 1, f"num workers {self.num_workers} must be >= 1"),
-            (0 <= self.worker_index < self.num_workers,
+            (self.input is None or 0 <= self.worker_index < self.num_workers,
              f"worker index {self.worker_index} must be in 0..{self.num_workers - 1}"),
             (self.resize is None or self.resize >= 1, f"resize {self.resize} must be >= 1"),
             (self.validate in VALIDATION_MODES,

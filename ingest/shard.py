@@ -196,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--processes", type=int, default=os.cpu_count() or 1,
         help="parallel processes on this machine (default: CPU count)")
     add("--num-workers", type=int, default=1, help="number of machines/pods splitting the plan (default 1)")
-    add("--worker-index", type=int, default=0, help="this worker's index, 0..num-workers-1")
+    add("--worker-index", type=int, default=os.environ.get("JOB_COMPLETION_INDEX", "0"),
+        help="this worker's index, 0..num-workers-1 (default: $JOB_COMPLETION_INDEX, set in a Kubernetes "
+             "Indexed Job, else 0)")
     add("--finalize", action="store_true",
         help="write manifest.json from the committed shards (alone: no --input needed); implied with one worker")
     add("--resize", type=int, default=None, metavar="SHORTER_SIDE",

@@ -22,13 +22,22 @@ from .errors import InputError, OutputError
 ATOMIC_PUT_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "memory", "az", "abfs", "abfss"}
 
 
+# Credentials on a command line end up in shell history, `ps` and pod specs: they must come
+# from the environment (or the provider's credential files) instead.
+_CREDENTIAL_WORDS = ("key", "secret", "token", "password", "credential")
+
+
 def parse_storage_options(pairs: list[str]) -> dict[str, Any]:
     """`["endpoint_url=http://x", "anon=true"]` -> `{"endpoint_url": "http://x", "anon": True}`."""
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"storage option {pair!r} is not KEY=VALUE")
+            raise ValueError(f"storage option {key if sep else '(no =)'} is not KEY=VALUE")
+        if any(word in key.lower() for word in _CREDENTIAL_WORDS):
+            raise ValueError(f"storage option {key} looks like a credential; pass credentials through the "
+                             "environment (e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+                             "GOOGLE_APPLICATION_CREDENTIALS), never on the command line")
         options[key] = _coerce(value)
     return options
 

@@ -7,7 +7,7 @@ import fsspec
 import pytest
 
 from ingest import synth
-from ingest.errors import EXIT_INCOMPLETE, EXIT_OUTPUT
+from ingest.errors import EXIT_INCOMPLETE, EXIT_OUTPUT, EXIT_USAGE
 
 from .conftest import run_cli
 from .helpers import read_dataset
@@ -63,11 +63,18 @@ def test_missing_bucket_is_a_clean_error(tiny, s3_bucket):
 def test_credentials_are_never_printed_or_stored(tiny, s3_bucket):
     url = f"s3://{s3_bucket}/secret"
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
-    result = run_cli("ingest.shard", "--input", tiny[1], "--output", url, "--processes", "1",
-                     "--storage-option", f"secret={secret}", "--storage-option", "key=testing", "--log-level", "DEBUG",
+    result = run_cli("ingest.shard", "--input", tiny[1], "--output", url, "--processes", "1", "--log-level", "DEBUG",
                      check=True)
     assert secret not in result.stdout + result.stderr
     fs, root = fsspec.core.url_to_fs(url)
     for path in fs.find(root):
         if path.endswith(".json"):
             assert secret.encode() not in fs.cat_file(path), path
+
+
+def test_credentials_on_the_command_line_are_refused_without_echo(tiny, s3_bucket):
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    result = run_cli("ingest.shard", "--input", tiny[1], "--output", f"s3://{s3_bucket}/x",
+                     "--storage-option", f"secret={secret}")
+    assert result.returncode == EXIT_USAGE and "looks like a credential" in result.stderr
+    assert secret not in result.stdout + result.stderr

@@ -108,14 +108,15 @@ def test_a_damaged_committed_shard_is_redone(tiny, reference, tmp_path):
     assert shard_bytes(str(out)) == reference
 
 
-def test_workers_split_the_plan_then_finalize(tiny, reference, tmp_path):
+def test_workers_split_the_plan_then_finalize(tiny, reference, tmp_path, monkeypatch):
     out = tmp_path / "out"
     for worker in (0, 2):
         result = ingest(tiny[1], out, "--num-workers", "3", "--worker-index", str(worker), "--processes", "1")
         assert "not finalized" in result.stdout
     early = run_cli("ingest.shard", "--output", out, "--finalize")
     assert early.returncode == EXIT_INCOMPLETE and "not committed yet" in early.stderr
-    ingest(tiny[1], out, "--num-workers", "3", "--worker-index", "1", "--processes", "1")
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")  # how a Kubernetes Indexed Job names the pod
+    ingest(tiny[1], out, "--num-workers", "3", "--processes", "1")
     done = run_cli("ingest.shard", "--output", out, "--finalize", check=True)
     assert "train:" in done.stdout
     assert shard_bytes(str(out)) == reference
