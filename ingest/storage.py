@@ -89,6 +89,9 @@ def resolve_input(path: str, options: dict[str, Any] | None = None) -> Location:
     fs, root = location.open()
     if not fs.exists(root):
         raise InputError(f"input path {path} does not exist")
+    if fs.isfile(root) and root.lower().endswith(".zip"):
+        # fsspec URL chaining; the storage options belong to the filesystem under the zip.
+        return Location(f"zip://::{path}", {_protocols(fs)[0]: options})
     return location
 
 

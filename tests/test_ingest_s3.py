@@ -35,6 +35,19 @@ def test_s3_dataset_equals_local_dataset_and_verifies(tiny, s3_bucket):
     assert "0 shards written" in rerun.stdout
 
 
+def test_input_zip_read_from_s3(tiny, s3_bucket):
+    _, source, local = tiny
+    fs, _ = fsspec.core.url_to_fs(f"s3://{s3_bucket}")
+    fs.put_file(str(source), f"{s3_bucket}/downloads/tiny-imagenet-200.zip")
+    out = f"s3://{s3_bucket}/from-s3"
+    run_cli("ingest.shard", "--input", f"s3://{s3_bucket}/downloads/tiny-imagenet-200.zip", "--output", out,
+            "--shard-size", "5", "--processes", "2", check=True)
+    manifest, samples = read_dataset(out)
+    local_manifest, local_samples = read_dataset(str(local))
+    assert samples == local_samples
+    assert manifest["splits"] == local_manifest["splits"]
+
+
 def test_endpoint_as_storage_option(tiny, s3_bucket, s3_endpoint, monkeypatch):
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     url = f"s3://{s3_bucket}/opt"
