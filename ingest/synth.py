@@ -56,6 +56,7 @@ _DISTRACTOR_SYNSETS = 20
 _NON_LEAF_SYNSETS = 3
 _TAR_MTIME = 1_335_830_400  # fixed (2012-05-01) so that tars are byte-identical across runs
 _ZIP_DATE = (2015, 1, 1, 0, 0, 0)
+_MAT_HEADER = b"MATLAB 5.0 MAT-file Platform: posix, Created on: Tue May  1 00:00:00 2012".ljust(116)
 _ZIP_ROOT = "tiny-imagenet-200/"
 _KAGGLE_DATA = "ILSVRC/Data/CLS-LOC"
 _TRAIN_BOX_FRACTION = 0.5  # LOC_train_solution.csv covers only part of the train images
@@ -509,7 +510,9 @@ def _meta_mat(job: _Job) -> bytes:
                                       "a group of patterns", len(children), children[None, :], 1, 0)
     buffer = io.BytesIO()
     scipy.io.savemat(buffer, {"synsets": synsets})
-    return buffer.getvalue()
+    # savemat stamps "Created on: <now>" into the 116-byte text header; a fixed text keeps
+    # the devkit byte-identical across runs.
+    return _MAT_HEADER + buffer.getvalue()[len(_MAT_HEADER):]
 
 
 def _write_devkit(job: _Job, ground_truth: str) -> None:
