@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -71,9 +72,24 @@ def ingest_to(source: Path, url: str, processes: int) -> float:
     return time.perf_counter() - started
 
 
-def measure(target: str, source: Path, base_url: str, processes: int, images: int, nbytes: int) -> dict:
-    tar_seconds = tar_to(source, f"{base_url}/plain-{uuid.uuid4().hex[:6]}.tar")
-    ingest_seconds = ingest_to(source, f"{base_url}/shards-{uuid.uuid4().hex[:6]}", processes)
+def _clean_run(contender, source: Path, url: str, *args) -> float:
+    """One timed run from the same state: dirty pages flushed first, its output removed after."""
+    os.sync()
+    seconds = contender(source, url, *args)
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.rm(path, recursive=True)
+    return seconds
+
+
+def measure(target: str, source: Path, base_url: str, processes: int, images: int, nbytes: int,
+            repeat: int) -> dict:
+    """Median seconds of `repeat` alternating runs of each contender (the page cache makes
+    single runs of either vary by up to 2x here)."""
+    tar_runs, ingest_runs = [], []
+    for _ in range(repeat):
+        tar_runs.append(_clean_run(tar_to, source, f"{base_url}/plain-{uuid.uuid4().hex[:6]}.tar"))
+        ingest_runs.append(_clean_run(ingest_to, source, f"{base_url}/shards-{uuid.uuid4().hex[:6]}", processes))
+    tar_seconds, ingest_seconds = statistics.median(tar_runs), statistics.median(ingest_runs)
     result = {
         "target": target,
         "images": images,
@@ -83,10 +99,11 @@ def measure(target: str, source: Path, base_url: str, processes: int, images: in
         "tar_images_per_s": round(images / tar_seconds),
         "tar_mb_per_s": round(nbytes / 1e6 / tar_seconds, 1),
         "ratio_to_io_limit": round(tar_seconds / ingest_seconds, 2),
+        "runs": repeat,
     }
     print(f"{target:5s}: ingest {result['ingest_images_per_s']} img/s ({result['ingest_mb_per_s']} MB/s), "
           f"tar {result['tar_images_per_s']} img/s ({result['tar_mb_per_s']} MB/s), "
-          f"ratio {result['ratio_to_io_limit']}x the I/O limit")
+          f"ratio {result['ratio_to_io_limit']}x the I/O limit (medians of {repeat} runs)")
     return result
 
 
@@ -96,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-per-class", type=int, default=250, help="train images per class (default 250)")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64, TinyImageNet)")
     parser.add_argument("--processes", type=int, default=2, help="ingest processes (default 2)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each contender; medians are reported")
     parser.add_argument("--targets", default="local,s3", help="comma-separated: local, s3 (moto_server on 127.0.0.1)")
     parser.add_argument("--workdir", default="bench-data", help="scratch folder; the input is cached there")
     parser.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
@@ -114,10 +132,9 @@ def main(argv: list[str] | None = None) -> int:
                 out = workdir / "out"
                 shutil.rmtree(out, ignore_errors=True)
                 out.mkdir(parents=True)
-                results.append(measure("local", source, str(out), args.processes, images, nbytes))
-                shutil.rmtree(out)
+                results.append(measure("local", source, str(out), args.processes, images, nbytes, args.repeat))
             elif target == "s3":
-                results.append(measure("s3", source, _s3(stack), args.processes, images, nbytes))
+                results.append(measure("s3", source, _s3(stack), args.processes, images, nbytes, args.repeat))
             else:
                 parser.error(f"unknown target {target!r}; use local and/or s3")
     if args.json:
