@@ -6,6 +6,7 @@ the CLI prints its message on one line and exits with its code, never a tracebac
 from __future__ import annotations
 
 EXIT_OK = 0
+EXIT_FAILED = 1         # a worker process died, or an internal error; rerunning resumes
 EXIT_USAGE = 2          # bad command line (argparse's own code)
 EXIT_INPUT = 3          # input missing, unrecognised or inconsistent
 EXIT_OUTPUT = 4         # output location missing, unwritable, or holding a different dataset
@@ -14,6 +15,7 @@ EXIT_INTERRUPTED = 130  # Ctrl-C; rerunning the same command resumes
 
 EXIT_CODES = {
     EXIT_OK: "success",
+    EXIT_FAILED: "a worker process died (or an internal error); rerun to resume",
     EXIT_USAGE: "bad command line",
     EXIT_INPUT: "input missing, unrecognised or inconsistent",
     EXIT_OUTPUT: "output location missing, unwritable or holding a different dataset",
@@ -25,7 +27,7 @@ EXIT_CODES = {
 class IngestError(Exception):
     """Base class: a problem the user can fix, reported without a traceback."""
 
-    exit_code = 1
+    exit_code = EXIT_FAILED
 
 
 class InputError(IngestError):

@@ -9,17 +9,21 @@ import argparse
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
 from . import cli
 from .config import IngestConfig, parse_bytes
-from .errors import EXIT_CODES, OutputError
+from .errors import EXIT_CODES, IngestError, OutputError
 from .manifest import finalize
-from .plan import Plan, make_plan
+from .plan import Plan, ShardPlan, make_plan
 from .sources import CHOICES, scan_input, serial_starmap
 from .storage import Location, display, parse_storage_options, prepare_output, resolve_input, write_json
 from .writer import PLAN_FILE, ImageSettings, ShardWorker, load_committed, read_plan
@@ -102,7 +106,10 @@ def _build_all(todo: list, runner: ShardRunner, plan_id: str) -> list[dict]:
 
 class ShardRunner:
     """Builds and commits shards in this process, or in a pool of processes started at once
-    so that their start-up (imports, opening storage) overlaps the listing of the input."""
+    so that their start-up (imports, opening storage) overlaps the listing of the input.
+
+    A ProcessPoolExecutor, not multiprocessing.Pool: when a worker dies (killed for memory),
+    the executor fails with BrokenProcessPool instead of waiting forever for its result."""
 
     def __init__(self, processes: int, worker_args: tuple):
         self._pool = None
@@ -110,29 +117,40 @@ class ShardRunner:
         self._processes = processes
         if processes > 1:
             context = multiprocessing.get_context("spawn")  # no fork: storage clients hold threads
-            self._pool = context.Pool(processes, initializer=_init_process, initargs=worker_args)
+            self._pool = ProcessPoolExecutor(processes, mp_context=context, initializer=_init_process,
+                                             initargs=worker_args)
         else:
             self._worker = ShardWorker(*worker_args)
 
     def starmap(self, fn, args: list[tuple]) -> list:
         """[fn(*a) for a in args], in the pool when there is one (used for listing the input)."""
-        if self._pool is None:
+        if self._pool is None or not args:
             return serial_starmap(fn, args)
-        return self._pool.starmap(fn, args, chunksize=max(1, len(args) // (8 * self._processes)))
+        chunks = max(1, len(args) // (8 * self._processes))
+        return list(self._guard(self._pool.map(fn, *zip(*args), chunksize=chunks)))
 
-    def results(self, todo: list, plan_id: str):
+    def results(self, todo: list, plan_id: str) -> Iterator[dict]:
         """Index entries of the committed shards, in completion order."""
         if self._pool is None:
             return (self._worker(shard, plan_id) for shard in todo)
-        return self._pool.imap_unordered(_process_shard, [(shard, plan_id) for shard in todo])
+        futures = [self._pool.submit(_process_shard, shard, plan_id) for shard in todo]
+        return self._guard(future.result() for future in as_completed(futures))
+
+    @staticmethod
+    def _guard(results: Iterator) -> Iterator:
+        try:
+            yield from results
+        except BrokenProcessPool:
+            raise IngestError("a worker process died (killed for memory?); committed shards are kept, "
+                              "rerun to resume (with fewer --processes if memory is short)") from None
 
     def __enter__(self) -> ShardRunner:
         return self
 
     def __exit__(self, *exc) -> None:
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
+            # Shards in progress finish and commit; queued ones are dropped.
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 _WORKER: ShardWorker | None = None
@@ -140,11 +158,12 @@ _WORKER: ShardWorker | None = None
 
 def _init_process(*worker_args) -> None:
     global _WORKER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     _WORKER = ShardWorker(*worker_args)
 
 
-def _process_shard(task: tuple) -> dict:
-    return _WORKER(*task)
+def _process_shard(shard: ShardPlan, plan_id: str) -> dict:
+    return _WORKER(shard, plan_id)
 
 
 def summary(report: RunReport) -> str:

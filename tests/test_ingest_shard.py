@@ -296,3 +296,23 @@ def test_verify_checks_labels_and_tar_structure_behind_a_matching_hash(tiny, tmp
     assert result.returncode == EXIT_INCOMPLETE
     assert f"{first['name']}: sample" in result.stdout and "no class index in 0..5" in result.stdout
     assert f"{second['name']}: not a readable tar" in result.stdout
+
+
+def test_a_killed_worker_process_fails_the_run_fast(tmp_path):
+    source = tmp_path / "tiny"
+    synth.generate(str(source), classes=10, train_per_class=100, val_per_class=2, size=32)
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "ingest.shard", "--input", str(source), "--output", str(out),
+                                "--shard-size", "2", "--processes", "2"], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not ((out / "_index").is_dir() and len(os.listdir(out / "_index")) >= 4):
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.002)
+    workers = [pid for pid in subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
+                                             text=True).stdout.split()
+               if b"spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read()]
+    os.kill(int(workers[0]), signal.SIGKILL)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1 and "a worker process died" in stderr and "Traceback" not in stderr
+    assert not (out / "manifest.json").exists()
