@@ -11,7 +11,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,s3,gcs]'
+	$(BIN)/pip install --quiet -e '.[dev,s3,gcs,cpu]'
 	touch $@
 
 test: setup

@@ -1,0 +1,161 @@
+"""trainer input: per-rank shard split, equal steps, shapes and ranges, augmentation, resilience, S3."""
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from ingest import synth
+from trainer.augment import PRESETS, AugmentConfig, eval_image, normalize, train_image
+from trainer.data import Dataset, InputConfig, assign_shards
+from trainer.shards import ReadStats, parse_tar
+
+from .conftest import run_cli
+from .helpers import read_dataset
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """A small ingested dataset: 4 classes, 32 px, shards of 7 samples (uneven last shard)."""
+    base = tmp_path_factory.mktemp("data")
+    synth.generate(str(base / "tiny"), classes=4, train_per_class=20, val_per_class=6, size=32, seed=1)
+    run_cli("ingest.shard", "--input", base / "tiny", "--output", base / "shards", "--shard-size", "7",
+            "--processes", "1", check=True)
+    return base / "shards"
+
+
+def config(url, **overrides) -> InputConfig:
+    return InputConfig(**{"data": str(url), "image_size": 32, "batch_size": 8, "shuffle_buffer": 64, **overrides})
+
+
+@pytest.mark.parametrize("shard_count", [12, 7, 3, 1])
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 16])
+def test_ranks_cover_every_sample_exactly_once(shard_count, size):
+    samples_per_shard = {f"s{i}": 7 + i % 3 for i in range(shard_count)}
+    for epoch in range(3):
+        covered = Counter()
+        for rank in range(size):
+            for name, part, parts in assign_shards(list(samples_per_shard), epoch, 0, rank, size):
+                covered.update((name, i) for i in range(samples_per_shard[name]) if i % parts == part)
+        assert set(covered.values()) == {1}
+        assert len(covered) == sum(samples_per_shard.values())
+
+
+def test_epochs_permute_the_shards_the_same_way_on_every_rank():
+    names = [f"s{i}" for i in range(10)]
+    assert assign_shards(names, 0, 0, 0, 2) != assign_shards(names, 1, 0, 0, 2)
+    assert assign_shards(names, 4, 3, 1, 2) == assign_shards(names, 4, 3, 1, 2)
+
+
+@pytest.mark.parametrize("size", [1, 3, 20])
+def test_evaluation_reads_each_sample_once_over_all_ranks(shards, size):
+    dataset = Dataset(config(shards))
+    labels = np.concatenate([y.numpy() for rank in range(size) for _, y in dataset.evaluate("val", rank, size)])
+    _, stored = read_dataset(str(shards))
+    assert sorted(labels.tolist()) == sorted(s["cls"] for s in stored["val"].values())
+
+
+@pytest.mark.parametrize("size", [1, 3, 20])
+def test_training_streams_never_run_dry(shards, size):
+    dataset = Dataset(config(shards, batch_size=2))
+    steps = dataset.steps_per_epoch(size)
+    assert steps == dataset.samples("train") // (2 * size)
+    for rank in range(size):
+        batches = list(dataset.train(rank, size).take(3 * steps))
+        assert len(batches) == 3 * steps
+
+
+def test_batches_have_the_right_shapes_types_and_ranges(shards):
+    dataset = Dataset(config(shards))
+    images, labels = next(iter(dataset.train()))
+    assert images.shape == (8, 32, 32, 3) and images.dtype == tf.float32
+    assert labels.shape == (8,) and labels.dtype == tf.int32
+    assert 0 <= int(tf.reduce_min(labels)) and int(tf.reduce_max(labels)) < dataset.num_classes
+    low = (0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    high = (1 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    assert np.all(images.numpy() >= low.min() - 1e-5) and np.all(images.numpy() <= high.max() + 1e-5)
+    assert float(tf.math.reduce_std(images)) > 0.1
+
+
+def _jpeg(size=32) -> tf.Tensor:
+    image, _ = synth.render(3, np.random.default_rng(0), size)
+    return tf.io.encode_jpeg(image)
+
+
+@pytest.mark.parametrize("preset", ["tinyimagenet", "imagenet"])
+def test_augmentation_changes_images_and_eval_does_not(preset):
+    jpeg = _jpeg(48)
+    augment = AugmentConfig(**{**PRESETS[preset].__dict__, "color_jitter": 0.4})
+    first = train_image(jpeg, tf.constant([1, 2]), 32, augment)
+    again = train_image(jpeg, tf.constant([1, 2]), 32, augment)
+    other = train_image(jpeg, tf.constant([3, 4]), 32, augment)
+    assert first.shape == (32, 32, 3)
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
+    evaluated = eval_image(jpeg, 32, augment)
+    assert np.array_equal(evaluated, eval_image(jpeg, 32, augment))
+
+
+def test_eval_of_a_right_sized_image_is_just_decode_and_normalise():
+    jpeg = _jpeg(32)
+    expected = normalize(tf.io.decode_jpeg(jpeg, channels=3))
+    assert np.allclose(eval_image(jpeg, 32, PRESETS["tinyimagenet"]), expected)
+    assert np.allclose(train_image(jpeg, tf.constant([5, 6]), 32, PRESETS["none"]), expected)
+
+
+def test_deterministic_mode_repeats_the_same_order(shards):
+    first = next(iter(Dataset(config(shards, deterministic=True, seed=4)).train(1, 2)))
+    second = next(iter(Dataset(config(shards, deterministic=True, seed=4)).train(1, 2)))
+    third = next(iter(Dataset(config(shards, deterministic=True, seed=5)).train(1, 2)))
+    assert np.array_equal(first[0], second[0]) and np.array_equal(first[1], second[1])
+    assert not np.array_equal(first[0], third[0])
+
+
+def test_corrupt_and_missing_shards_are_skipped_and_counted(shards, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(shards, broken)
+    manifest, stored = read_dataset(str(broken))
+    val = manifest["splits"]["val"]["shards"]
+    (broken / val[0]["name"]).write_bytes(b"\x01" * 1024)
+    os.remove(broken / val[1]["name"])
+    stats = ReadStats()
+    dataset = Dataset(config(broken), stats)
+    dataset.source.backoff = 0.001
+    labels = np.concatenate([y.numpy() for _, y in dataset.evaluate("val")])
+    assert len(labels) == manifest["splits"]["val"]["samples"] - val[0]["samples"] - val[1]["samples"]
+    assert stats.skipped_shards == Counter({"unreadable": 1, "missing": 1})
+
+
+def test_parse_tar_agrees_with_tarfile(shards, tmp_path):
+    data = (shards / "train-000000.tar").read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        expected = {}
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            expected.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    assert parse_tar(data) == expected
+    buffer = io.BytesIO()
+    long_key = "k" * 150
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, payload in ((f"{long_key}.jpg", b"abc"), ("dir/short.cls", b"7")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    assert parse_tar(buffer.getvalue()) == {long_key: {"jpg": b"abc"}, "short": {"cls": b"7"}}
+
+
+def test_reading_through_s3(shards, s3_bucket):
+    url = f"s3://{s3_bucket}/shards"
+    run_cli("ingest.shard", "--input", shards.parent / "tiny", "--output", url, "--shard-size", "7",
+            "--processes", "1", check=True)
+    dataset = Dataset(config(url))
+    labels = np.concatenate([y.numpy() for _, y in dataset.evaluate("val")])
+    assert len(labels) == dataset.samples("val")
+    images, _ = next(iter(dataset.train()))
+    assert images.shape == (8, 32, 32, 3)

@@ -1,0 +1,112 @@
+"""Decode and augment JPEG bytes with TensorFlow ops; normalisation happens here and only here.
+
+Every random op is stateless and takes its seed from the element, so a seeded, deterministic
+pipeline gives the same images in the same order however many parallel calls run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tensorflow as tf
+
+# ImageNet channel statistics, the convention of Keras applications and torchvision.
+MEAN_RGB = (0.485, 0.456, 0.406)
+STDDEV_RGB = (0.229, 0.224, 0.225)
+CROPS = ("pad", "resized", "none")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    enabled: bool = True                  # False: training images get the eval transform
+    crop: str = "pad"                     # pad: pad + random crop (TinyImageNet); resized: random-resized-crop (ImageNet)
+    pad: int = 4                          # pixels of reflection padding for crop="pad"
+    area_range: tuple[float, float] = (0.08, 1.0)     # crop="resized": fraction of the image area
+    aspect_range: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True                     # random horizontal flip
+    color_jitter: float = 0.0             # 0: off; else brightness/contrast/saturation strength (e.g. 0.4)
+    eval_crop: float = 1.0                # eval: central fraction kept before resizing (0.875 for ImageNet)
+
+    def __post_init__(self) -> None:
+        if self.crop not in CROPS:
+            raise ValueError(f"crop {self.crop!r} unknown; choose one of {', '.join(CROPS)}")
+        if self.pad < 0 or not 0 <= self.color_jitter <= 1 or not 0 < self.eval_crop <= 1:
+            raise ValueError(f"pad {self.pad} must be >= 0, color_jitter {self.color_jitter} in 0..1, "
+                             f"eval_crop {self.eval_crop} in (0, 1]")
+
+
+# Named presets: the two data sets the project trains on.
+PRESETS = {
+    "tinyimagenet": AugmentConfig(crop="pad", pad=4, flip=True),
+    "imagenet": AugmentConfig(crop="resized", flip=True, eval_crop=0.875),
+    "none": AugmentConfig(enabled=False),
+}
+
+
+def normalize(image: tf.Tensor) -> tf.Tensor:
+    """uint8 RGB -> float32, per-channel standardised. The one place images are normalised."""
+    image = tf.cast(image, tf.float32) / 255.0
+    return (image - tf.constant(MEAN_RGB)) / tf.constant(STDDEV_RGB)
+
+
+def eval_image(jpeg: tf.Tensor, size: int, config: AugmentConfig) -> tf.Tensor:
+    image = tf.io.decode_jpeg(jpeg, channels=3)
+    if config.eval_crop < 1.0:
+        image = tf.image.central_crop(image, config.eval_crop)
+    return normalize(_resize(image, size))
+
+
+def train_image(jpeg: tf.Tensor, seed: tf.Tensor, size: int, config: AugmentConfig) -> tf.Tensor:
+    """One augmented training image; `seed` is a shape [2] int tensor unique to the element."""
+    if not config.enabled:
+        return eval_image(jpeg, size, config)
+    crop_seed, flip_seed, jitter_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    image = _CROPPERS[config.crop](jpeg, crop_seed, size, config)
+    if config.flip:
+        image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    if config.color_jitter:
+        image = _jitter(image, jitter_seed, config.color_jitter)
+    return normalize(image)
+
+
+def _resize(image: tf.Tensor, size: int) -> tf.Tensor:
+    """To size x size; a no-op (no resampling) when the image already is."""
+    shape = tf.shape(image)
+    return tf.cond(tf.logical_and(shape[0] == size, shape[1] == size),
+                   lambda: image,
+                   lambda: tf.cast(tf.clip_by_value(tf.image.resize(image, [size, size], antialias=True), 0, 255),
+                                   tf.uint8))
+
+
+def _pad_crop(jpeg, seed, size: int, config: AugmentConfig) -> tf.Tensor:
+    image = _resize(tf.io.decode_jpeg(jpeg, channels=3), size)
+    padded = tf.pad(image, [[config.pad, config.pad], [config.pad, config.pad], [0, 0]], mode="REFLECT")
+    return tf.image.stateless_random_crop(padded, [size, size, 3], seed)
+
+
+def _resized_crop(jpeg, seed, size: int, config: AugmentConfig) -> tf.Tensor:
+    """Random-resized-crop that decodes only the crop window (decode_and_crop_jpeg)."""
+    shape = tf.io.extract_jpeg_shape(jpeg)
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]), seed=seed,
+        min_object_covered=0.1, aspect_ratio_range=config.aspect_range, area_range=config.area_range,
+        max_attempts=10, use_image_if_no_bounding_boxes=True)
+    offset_y, offset_x, _ = tf.unstack(begin)
+    height, width, _ = tf.unstack(crop_size)
+    image = tf.io.decode_and_crop_jpeg(jpeg, tf.stack([offset_y, offset_x, height, width]), channels=3)
+    return _resize(image, size)
+
+
+def _whole(jpeg, seed, size: int, config: AugmentConfig) -> tf.Tensor:
+    return _resize(tf.io.decode_jpeg(jpeg, channels=3), size)
+
+
+_CROPPERS = {"pad": _pad_crop, "resized": _resized_crop, "none": _whole}
+
+
+def _jitter(image: tf.Tensor, seed: tf.Tensor, strength: float) -> tf.Tensor:
+    seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    image = tf.image.convert_image_dtype(image, tf.float32)
+    image = tf.image.stateless_random_brightness(image, strength * 0.5, seeds[0])
+    image = tf.image.stateless_random_contrast(image, 1 - strength, 1 + strength, seeds[1])
+    image = tf.image.stateless_random_saturation(image, 1 - strength, 1 + strength, seeds[2])
+    return tf.image.convert_image_dtype(tf.clip_by_value(image, 0.0, 1.0), tf.uint8, saturate=True)
