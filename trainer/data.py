@@ -94,12 +94,15 @@ class Dataset:
 
     def _stream(self, assignments: tf.data.Dataset, labelled: bool) -> tf.data.Dataset:
         """(jpeg, label) samples of the assigned shards, `interleave` shards at a time."""
-        signature = (tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.int32))
+        signature = (tf.TensorSpec([], tf.string), tf.TensorSpec([None], tf.int64),
+                     tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int32))
 
         def read(name, part, parts):
-            return tf.data.Dataset.from_generator(
+            shard = tf.data.Dataset.from_generator(
                 lambda n, p, k: iter([self.source.samples(n.decode(), int(p), int(k), labelled)]),
-                args=(name, part, parts), output_signature=signature).unbatch()
+                args=(name, part, parts), output_signature=signature)
+            return shard.map(lambda data, offsets, lengths, labels:
+                             (tf.strings.substr(data, offsets, lengths), labels)).unbatch()
 
         return assignments.interleave(read, cycle_length=self.config.interleave,
                                       num_parallel_calls=self.config.interleave,

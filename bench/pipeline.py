@@ -1,0 +1,147 @@
+"""The streaming input pipeline against two baselines measured in the same run, on the same images:
+
+- decode limit: the same decode + augment over the JPEG bytes held in memory;
+- TFRecord: the same images written as TFRecord files (local disk) and read by TFRecordDataset
+  with the same decode + augment: the incumbent TensorFlow way.
+
+    python -m bench.pipeline --data URL [--split train] [--batch-size 256] [--seconds 20] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from trainer.augment import PRESETS, train_image
+from trainer.data import AUTOTUNE, Dataset, InputConfig
+
+# The baselines hold their images in memory; this many bytes of JPEGs is plenty for a rate.
+BASELINE_BYTES = 256 << 20
+
+
+def images_per_second(dataset: tf.data.Dataset, batch_size: int, seconds: float) -> float:
+    """Batches drawn for `seconds` after a warm-up of a few batches."""
+    iterator = iter(dataset)
+    for _ in range(3):
+        next(iterator)
+    started, batches = time.perf_counter(), 0
+    while time.perf_counter() - started < seconds:
+        next(iterator)
+        batches += 1
+    return batches * batch_size / (time.perf_counter() - started)
+
+
+def in_memory_samples(data: Dataset, split: str) -> tuple[list[bytes], list[int]]:
+    """The JPEGs and labels of the split's first shards, up to BASELINE_BYTES."""
+    images, labels, total = [], [], 0
+    for shard in data.manifest["splits"][split]["shards"]:
+        blob, offsets, lengths, classes = data.source.samples(shard["name"])
+        images += [blob[o:o + n] for o, n in zip(offsets, lengths)]
+        labels += classes.tolist()
+        total += shard["bytes"]
+        if total >= BASELINE_BYTES:
+            break
+    return images, labels
+
+
+def augmented(samples: tf.data.Dataset, config: InputConfig) -> tf.data.Dataset:
+    """The pipeline's own decode + augment + batch, applied to a baseline's sample stream."""
+    seeds = tf.data.Dataset.random(seed=0).batch(2)
+    size, augment = config.image_size, config.augment
+    return (tf.data.Dataset.zip((samples, seeds))
+            .map(lambda sample, s: (train_image(sample[0], s, size, augment), sample[1]),
+                 num_parallel_calls=AUTOTUNE, deterministic=False)
+            .batch(config.batch_size, drop_remainder=True).prefetch(AUTOTUNE))
+
+
+def write_tfrecords(images: list[bytes], labels: list[int], directory: str, files: int = 8) -> list[str]:
+    paths = [os.path.join(directory, f"part-{i:03d}.tfrecord") for i in range(files)]
+    writers = [tf.io.TFRecordWriter(p) for p in paths]
+    for index, (image, label) in enumerate(zip(images, labels)):
+        example = tf.train.Example(features=tf.train.Features(feature={
+            "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
+            "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label]))}))
+        writers[index % files].write(example.SerializeToString())
+    for writer in writers:
+        writer.close()
+    return paths
+
+
+def tfrecord_samples(paths: list[str], shuffle_buffer: int) -> tf.data.Dataset:
+    spec = {"image": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64)}
+
+    def parse(record):
+        example = tf.io.parse_single_example(record, spec)
+        return example["image"], tf.cast(example["label"], tf.int32)
+
+    files = tf.data.Dataset.from_tensor_slices(paths).repeat()
+    return (files.interleave(tf.data.TFRecordDataset, cycle_length=4, num_parallel_calls=4, deterministic=False)
+            .map(parse, num_parallel_calls=AUTOTUNE).shuffle(shuffle_buffer))
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run(args: argparse.Namespace) -> dict:
+    config = InputConfig(data=args.data, image_size=args.image_size, batch_size=args.batch_size,
+                         shuffle_buffer=args.shuffle_buffer, augment=PRESETS[args.augment])
+    data = Dataset(config)
+    if args.split != "train":
+        raise ValueError("only the train split streams with augmentation; use --split train")
+    rss_before = peak_rss_mb()
+    pipeline = images_per_second(data.train(), config.batch_size, args.seconds)
+    rss_pipeline = peak_rss_mb()
+    images, labels = in_memory_samples(data, args.split)
+    in_memory = tf.data.Dataset.from_tensor_slices((images, labels)).repeat().shuffle(config.shuffle_buffer)
+    decode_limit = images_per_second(augmented(in_memory, config), config.batch_size, args.seconds)
+    with tempfile.TemporaryDirectory() as directory:
+        paths = write_tfrecords(images, labels, directory)
+        tfrecord = images_per_second(augmented(tfrecord_samples(paths, config.shuffle_buffer), config),
+                                     config.batch_size, args.seconds)
+    return {
+        "data": args.data,
+        "train_samples": data.samples("train"),
+        "image_size": config.image_size,
+        "mean_jpeg_bytes": round(float(np.mean([len(i) for i in images]))),
+        "pipeline_images_per_s": round(pipeline),
+        "decode_limit_images_per_s": round(decode_limit),
+        "tfrecord_images_per_s": round(tfrecord),
+        "pipeline_vs_decode_limit": round(pipeline / decode_limit, 2),
+        "pipeline_vs_tfrecord": round(pipeline / tfrecord, 2),
+        "peak_rss_mb_before_pipeline": round(rss_before),
+        "peak_rss_mb_after_pipeline": round(rss_pipeline),
+        "cpus": os.cpu_count(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="dataset URL (the --output of ingest.shard)")
+    parser.add_argument("--split", default="train", help="split to stream (default train)")
+    parser.add_argument("--batch-size", type=int, default=256, help="batch size (default 256)")
+    parser.add_argument("--image-size", type=int, default=64, help="model input side (default 64)")
+    parser.add_argument("--augment", default="tinyimagenet", choices=sorted(PRESETS),
+                        help="augmentation preset (default tinyimagenet)")
+    parser.add_argument("--shuffle-buffer", type=int, default=10_000, help="samples (default 10000)")
+    parser.add_argument("--seconds", type=float, default=20, help="measuring time per contender (default 20)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
+    args = parser.parse_args(argv)
+    result = run(args)
+    print(f"pipeline {result['pipeline_images_per_s']} img/s; decode limit {result['decode_limit_images_per_s']} "
+          f"({result['pipeline_vs_decode_limit']}x); TFRecord {result['tfrecord_images_per_s']} "
+          f"({result['pipeline_vs_tfrecord']}x); peak RSS {result['peak_rss_mb_after_pipeline']} MB")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
