@@ -164,3 +164,15 @@ def test_reading_through_s3(shards, s3_bucket):
     assert len(labels) == dataset.samples("val")
     images, _ = next(iter(dataset.train()))
     assert images.shape == (8, 32, 32, 3)
+
+
+def test_a_dataset_whose_shards_are_all_gone_fails_instead_of_hanging(shards, tmp_path):
+    import shutil
+
+    gone = tmp_path / "gone"
+    shutil.copytree(shards, gone)
+    for path in gone.glob("train-*.tar"):
+        path.unlink()
+    dataset = Dataset(config(gone))
+    with pytest.raises(tf.errors.OpError, match="shards in a row could not be read"):
+        next(iter(dataset.train()))

@@ -111,6 +111,8 @@ class Dataset:
     def train(self, rank: int = 0, size: int = 1) -> tf.data.Dataset:
         """Infinite stream of (images [batch, s, s, 3] float32, labels [batch] int32) for this rank."""
         names = self._shard_names("train")
+        if not names:
+            raise ValueError("the dataset's train split has no shards")
         seed = self.config.seed
 
         def epochs() -> Iterator[tuple[str, int, int]]:

@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 BLOCK = 512
 RETRIES = 3
 BACKOFF_SECONDS = 0.5
+# Skipping a bad shard keeps training going; skipping this many in a row means the storage is
+# gone, and training on nothing would hang the job or fake progress: fail instead.
+MAX_CONSECUTIVE_SKIPS = 20
 
 
 class ShardError(Exception):
@@ -109,6 +112,7 @@ class ShardSource:
         self.stats = stats or ReadStats()
         self.retries = retries
         self.backoff = backoff
+        self._consecutive_skips = 0
 
     def samples(self, name: str, part: int = 0, parts: int = 1,
                 labelled: bool = True) -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray]:
@@ -148,9 +152,14 @@ class ShardSource:
                 attempt += 1
                 continue
             self.stats.add(shard_bytes=len(data), shards=1)
+            self._consecutive_skips = 0
             return data, members
 
     def _skip(self, name: str, reason: str, detail: str) -> dict:
         self.stats.skip("shards", reason)
         log.error("shard %s skipped (%s): %s", name, reason, detail)
+        self._consecutive_skips += 1
+        if self._consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+            raise ShardError(f"{self._consecutive_skips} shards in a row could not be read (last: {name}: "
+                             f"{detail}); is the storage at {self.root} reachable?")
         return {}
