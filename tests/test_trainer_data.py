@@ -176,3 +176,25 @@ def test_a_dataset_whose_shards_are_all_gone_fails_instead_of_hanging(shards, tm
     dataset = Dataset(config(gone))
     with pytest.raises(tf.errors.OpError, match="shards in a row could not be read"):
         next(iter(dataset.train()))
+
+
+def test_a_transient_read_failure_is_retried_and_recovers(shards, tmp_path):
+    import shutil
+    import threading
+
+    flaky = tmp_path / "flaky"
+    shutil.copytree(shards, flaky)
+    name = "val-000000.tar"
+    good = (flaky / name).read_bytes()
+    (flaky / name).write_bytes(good[:700])   # cut mid-member: what a dropped connection leaves
+    repair = threading.Timer(0.3, lambda: (flaky / name).write_bytes(good))
+    stats = ReadStats()
+    dataset = Dataset(config(flaky), stats)
+    dataset.source.backoff = 0.2             # retries at ~0.1-0.3 s, 0.2-0.6 s, 0.4-1.2 s
+    repair.start()
+    try:
+        blob, offsets, _, labels = dataset.source.samples(name)
+    finally:
+        repair.cancel()
+    assert blob == good and len(offsets) == len(labels) > 0
+    assert stats.skipped_shards == Counter() and stats.shards == 1
