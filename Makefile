@@ -1,5 +1,7 @@
 # Set-up, tests and the demo. Everything runs from the virtualenv .venv in the repo root.
 PYTHON ?= python3
+# Built Horovod wheels, kept outside the checkout so that fresh clones on this machine reuse them.
+WHEELS ?= $(HOME)/.cache/imagenet-k8s-trainer/wheels
 VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   := demo-data
@@ -8,10 +10,11 @@ DEMO   := demo-data
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml deploy/horovod/build-wheel.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev,s3,gcs,cpu]'
+	$(BIN)/pip install --quiet "$$(deploy/horovod/build-wheel.sh $(BIN)/python $(WHEELS))"
 	touch $@
 
 test: setup

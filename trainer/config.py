@@ -1,0 +1,87 @@
+"""Training configuration: typed dataclasses, named presets, JSON round trip.
+
+The CLI parses flags into a `TrainConfig` (starting from a preset when one is named) and saves
+the resolved config as `<output>/config.json`; library code only ever sees the dataclass.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .augment import PRESETS as AUGMENT_PRESETS
+from .augment import AugmentConfig
+from .models import ModelConfig
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass
+class TrainConfig:
+    data: str                                   # dataset URL (ingest.shard's --output)
+    output: str                                 # where config, checkpoints, model and results go
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=lambda: AUGMENT_PRESETS["tinyimagenet"])
+    image_size: int = 64
+    epochs: int = 30
+    batch_size: int = 128                       # per worker
+    optimizer: str = "adam"
+    lr: float = 1e-3                            # for one worker; scaled by the worker count
+    warmup_epochs: int = 2                      # linear ramp to the scaled rate (large batches need it)
+    early_stopping_patience: int | None = None  # epochs without a better val top-5
+    shuffle_buffer: int = 10_000
+    mixed_precision: bool = False
+    seed: int = 0
+    metrics_port: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.optimizer in OPTIMIZERS, f"optimizer {self.optimizer!r} unknown; choose one of {OPTIMIZERS}"),
+            (self.epochs >= 1, f"epochs {self.epochs} must be >= 1"),
+            (self.batch_size >= 1, f"batch size {self.batch_size} must be >= 1"),
+            (self.lr > 0, f"learning rate {self.lr} must be > 0"),
+            (self.warmup_epochs >= 0, f"warmup epochs {self.warmup_epochs} must be >= 0"),
+            (self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+             f"early stopping patience {self.early_stopping_patience} must be >= 1"),
+            (self.image_size >= 8, f"image size {self.image_size} must be >= 8"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> TrainConfig:
+        values = dict(values)
+        model = values.pop("model", {})
+        augment = values.pop("augment", {})
+        if model.get("dropout") is not None:
+            model["dropout"] = tuple(model["dropout"])
+        for key in ("area_range", "aspect_range"):
+            if key in augment:
+                augment[key] = tuple(augment[key])
+        return cls(model=ModelConfig(**model), augment=AugmentConfig(**augment), **values)
+
+
+# The study's four runs (model x augmentation, its dropouts, early stopping on val top-5).
+PRESETS: dict[str, dict[str, Any]] = {
+    "seed-model1": {"model": ModelConfig("model1", (0.5,)), "augment": AUGMENT_PRESETS["none"]},
+    "seed-model1-aug": {"model": ModelConfig("model1", (0.5,)), "augment": AUGMENT_PRESETS["tinyimagenet"]},
+    "seed-model2": {"model": ModelConfig("model2", (0.5, 0.5, 0.75)), "augment": AUGMENT_PRESETS["none"],
+                    "epochs": 100, "early_stopping_patience": 10},
+    "seed-model2-aug": {"model": ModelConfig("model2", (0.5, 0.5, 0.75)),
+                        "augment": AUGMENT_PRESETS["tinyimagenet"], "epochs": 100, "early_stopping_patience": 10},
+    "resnet18-tinyimagenet": {"model": ModelConfig("resnet18"), "augment": AUGMENT_PRESETS["tinyimagenet"],
+                              "optimizer": "sgd", "lr": 0.05, "epochs": 60},
+    "resnet50-imagenet": {"model": ModelConfig("resnet50"), "augment": AUGMENT_PRESETS["imagenet"],
+                          "image_size": 224, "optimizer": "sgd", "lr": 0.1, "batch_size": 64, "epochs": 90,
+                          "warmup_epochs": 5},
+}
+
+
+def from_preset(name: str, data: str, output: str, **overrides: Any) -> TrainConfig:
+    if name not in PRESETS:
+        raise ValueError(f"preset {name!r} unknown; choose one of {', '.join(PRESETS)}")
+    return TrainConfig(data=data, output=output, **{**PRESETS[name], **overrides})
