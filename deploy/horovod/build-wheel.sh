@@ -10,7 +10,7 @@ version=0.28.1
 tf_version=$("$python" -c "import tensorflow as tf; print(tf.__version__)" 2>/dev/null)
 wheel_dir="$2/tf-$tf_version"
 mkdir -p "$wheel_dir"
-existing=$(ls "$wheel_dir"/horovod-"$version"-*.whl 2>/dev/null | head -n 1)
+existing=$(ls "$wheel_dir"/horovod-"$version"-*.whl 2>/dev/null | head -n 1 || true)
 if [ -n "$existing" ]; then
     echo "$existing"
     exit 0

@@ -1,0 +1,45 @@
+"""Who this process is in the job: rank and size from one small object (Horovod underneath)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import horovod.tensorflow as hvd
+import tensorflow as tf
+
+
+@dataclass(frozen=True)
+class Workers:
+    rank: int
+    size: int
+    local_rank: int
+
+    @property
+    def is_chief(self) -> bool:
+        """Rank 0: the only one that writes logs, checkpoints and results."""
+        return self.rank == 0
+
+
+def init() -> Workers:
+    """Start Horovod (one process per GPU when there are GPUs) and say who we are."""
+    hvd.init()
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        tf.config.set_visible_devices(gpus[hvd.local_rank() % len(gpus)], "GPU")
+        tf.config.experimental.set_memory_growth(gpus[hvd.local_rank() % len(gpus)], True)
+    return Workers(hvd.rank(), hvd.size(), hvd.local_rank())
+
+
+def average(values: list[tf.Tensor]) -> list[tf.Tensor]:
+    """Mean over all ranks (gradients, train metrics); a no-op alone."""
+    return hvd.grouped_allreduce(values, op=hvd.Average) if hvd.size() > 1 else values
+
+
+def total(values: list[tf.Tensor]) -> list[tf.Tensor]:
+    """Sum over all ranks (eval counts)."""
+    return hvd.grouped_allreduce(values, op=hvd.Sum) if hvd.size() > 1 else values
+
+
+def broadcast_from_chief(variables: list) -> None:
+    """Make every rank start from rank 0's weights and optimizer state."""
+    for variable in variables:
+        variable.assign(hvd.broadcast(variable.value, 0))

@@ -1,0 +1,126 @@
+"""`python -m trainer.train`: train a Keras model on Horovod workers from WebDataset shards.
+
+    horovodrun -np 2 -H localhost:2 --gloo python -m trainer.train --data DATA --output OUT --preset seed-model2
+
+Every rank runs the same command; rank 0 alone writes config.json, the final model and results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import tempfile
+
+import keras
+from tqdm import tqdm
+
+from ingest.storage import Location, dump_json, write_atomic
+
+from . import dist
+from .augment import PRESETS as AUGMENT_PRESETS
+from .config import OPTIMIZERS, PRESETS, TrainConfig, from_preset
+from .loop import EpochResult, Trainer
+from .models import MODELS, ModelConfig
+
+log = logging.getLogger("trainer")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--data", required=True, help="dataset URL: the --output of ingest.shard (path, s3://, gs://, ...)")
+    add("--output", required=True, help="where config.json, model.keras and results.json go (path or URL)")
+    add("--preset", choices=sorted(PRESETS), help="start from a named configuration; flags override it")
+    add("--model", choices=sorted(MODELS), help="model architecture (default: the preset's, else model2)")
+    add("--dropout", help="comma-separated dropout rates in layer order (model1: 1, model2: 3)")
+    add("--epochs", type=int, help="epochs to train (default 30, or the preset's)")
+    add("--batch-size", type=int, help="images per step per worker (default 128)")
+    add("--lr", type=float, help="learning rate for one worker; scaled by the worker count (default 1e-3)")
+    add("--optimizer", choices=OPTIMIZERS, help="optimizer (default adam)")
+    add("--augment", action=argparse.BooleanOptionalAction, default=None,
+        help="on-the-fly augmentation (default: on, or the preset's)")
+    add("--early-stopping-patience", type=int, help="stop after this many epochs without a better val top-5")
+    add("--image-size", type=int, help="model input side in pixels (default 64)")
+    add("--seed", type=int, help="seed of shuffling and augmentation (default 0)")
+    add("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    overrides = {key: value for key, value in {
+        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
+        "early_stopping_patience": args.early_stopping_patience, "image_size": args.image_size,
+        "seed": args.seed}.items() if value is not None}
+    config = (from_preset(args.preset, args.data, args.output, **overrides) if args.preset
+              else TrainConfig(data=args.data, output=args.output, **overrides))
+    if args.model or args.dropout:
+        dropout = tuple(float(v) for v in args.dropout.split(",")) if args.dropout else None
+        config.model = ModelConfig(args.model or config.model.name, dropout)
+    if args.augment is not None:
+        config.augment = AUGMENT_PRESETS["tinyimagenet" if config.image_size <= 64 else "imagenet"] \
+            if args.augment else dataclasses.replace(config.augment, enabled=False)
+    return config
+
+
+def train(config: TrainConfig, workers: dist.Workers) -> dict:
+    trainer = Trainer(config, workers)
+    output = Location(config.output)
+    fs, root = output.open()
+    if workers.is_chief:
+        fs.makedirs(root, exist_ok=True)
+        write_atomic(fs, f"{root}/config.json", dump_json(config.to_json()))
+    history: list[EpochResult] = []
+    best, best_weights, stale = None, None, 0
+    for epoch in tqdm(range(config.epochs), desc="epochs", disable=not workers.is_chief):
+        result = trainer.run_epoch(epoch)
+        history.append(result)
+        if best is None or result.val_top5 > best.val_top5:
+            best, best_weights, stale = result, trainer.model.get_weights(), 0
+        else:
+            stale += 1
+        if config.early_stopping_patience and stale >= config.early_stopping_patience:
+            log.info("early stopping: val top-5 has not improved for %d epochs", stale)
+            break
+    trainer.model.set_weights(best_weights)
+    results = {
+        "model": config.model.name, "dropout": config.model.dropout, "augmentation": config.augment.enabled,
+        "train_top1": best.train_top1, "train_top5": best.train_top5,
+        "val_top1": best.val_top1, "val_top5": best.val_top5, "best_epoch": best.epoch,
+        "epochs_run": len(history), "start_epoch": 0, "workers": workers.size,
+        "images_per_second": sum(r.images_per_second for r in history) / len(history) * workers.size,
+    }
+    if workers.is_chief:
+        _save_model(trainer.model, fs, f"{root}/model.keras")
+        write_atomic(fs, f"{root}/results.json", dump_json(results))
+    return results
+
+
+def _save_model(model: keras.Model, fs, path: str) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        local = os.path.join(directory, "model.keras")
+        model.save(local)
+        with open(local, "rb") as handle:
+            write_atomic(fs, path, handle.read())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    workers = dist.init()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("trainer").setLevel(args.log_level if workers.is_chief else "WARNING")
+    results = train(config, workers)
+    if workers.is_chief:
+        print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
