@@ -125,6 +125,7 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     # No fsync: a killed process loses nothing the page cache holds, and after a power loss
     # a resume re-checks every shard's size (ingest.verify its hash). It cost 40% of ingest time.
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)  # object stores have no folders to make
     fs.pipe_file(tmp, data)
     fs.mv(tmp, path)
 

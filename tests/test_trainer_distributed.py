@@ -58,3 +58,26 @@ def test_train_cli_writes_config_model_and_results(shards, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["dropout"] == [0.5] and config["augment"]["enabled"] is True and config["lr"] == 0.002
     assert (out / "model.keras").stat().st_size > 0
+
+
+def test_rerun_resumes_from_the_last_checkpoint(shards, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "trainer.train", "--data", str(shards), "--output", str(out),
+               "--preset", "seed-model1-aug", "--batch-size", "32", "--lr", "0.002"]
+    assert horovodrun(*command, "--epochs", "2").returncode == 0
+    first = json.loads((out / "checkpoints" / "latest.json").read_text())
+    assert first["next_epoch"] == 2 and [h["epoch"] for h in first["history"]] == [0, 1]
+    # A half-written state file from a crash must not be picked up.
+    (out / "checkpoints" / "epoch-0002.npz").write_bytes(b"partial")
+    result = horovodrun(*command, "--epochs", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["start_epoch"] == 2 and results["epochs_run"] == 3
+    latest = json.loads((out / "checkpoints" / "latest.json").read_text())
+    assert [h["epoch"] for h in latest["history"]] == [0, 1, 2]
+    # The schedule continued: the optimizer's step count went on from 2 epochs' worth.
+    import numpy as np
+    with np.load(out / latest["state"]) as state:
+        assert int(state["optimizer_0"]) == 3 * (1000 // (32 * 2))
+    done = horovodrun(*command, "--epochs", "3")
+    assert done.returncode == 0 and json.loads((out / "results.json").read_text())["start_epoch"] == 3

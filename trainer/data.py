@@ -108,7 +108,7 @@ class Dataset:
                                       num_parallel_calls=self.config.interleave,
                                       deterministic=self.config.deterministic)
 
-    def train(self, rank: int = 0, size: int = 1) -> tf.data.Dataset:
+    def train(self, rank: int = 0, size: int = 1, start_epoch: int = 0) -> tf.data.Dataset:
         """Infinite stream of (images [batch, s, s, 3] float32, labels [batch] int32) for this rank."""
         names = self._shard_names("train")
         if not names:
@@ -116,7 +116,7 @@ class Dataset:
         seed = self.config.seed
 
         def epochs() -> Iterator[tuple[str, int, int]]:
-            epoch = 0
+            epoch = start_epoch
             while True:
                 yield from assign_shards(names, epoch, seed, rank, size)
                 epoch += 1

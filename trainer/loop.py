@@ -78,7 +78,11 @@ class Trainer:
         self.optimizer.build(self.model.trainable_variables)
         self.loss_fn = keras.losses.SparseCategoricalCrossentropy()
         dist.broadcast_from_chief(self.model.variables + self.optimizer.variables)
-        self.train_stream = iter(self.data.train(workers.rank, workers.size))
+        self.train_stream = None
+
+    def start_stream(self, epoch: int = 0) -> None:
+        """Start reading the training data at `epoch`'s shard order (a resumed run continues it)."""
+        self.train_stream = iter(self.data.train(self.workers.rank, self.workers.size, start_epoch=epoch))
 
     @tf.function
     def train_step(self, images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:

@@ -19,10 +19,10 @@ from tqdm import tqdm
 
 from ingest.storage import Location, dump_json, write_atomic
 
-from . import dist
+from . import checkpoint, dist
 from .augment import PRESETS as AUGMENT_PRESETS
 from .config import OPTIMIZERS, PRESETS, TrainConfig, from_preset
-from .loop import EpochResult, Trainer
+from .loop import Trainer
 from .models import MODELS, ModelConfig
 
 log = logging.getLogger("trainer")
@@ -67,30 +67,30 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def train(config: TrainConfig, workers: dist.Workers) -> dict:
     trainer = Trainer(config, workers)
-    output = Location(config.output)
-    fs, root = output.open()
+    fs, root = Location(config.output).open()
     if workers.is_chief:
-        fs.makedirs(root, exist_ok=True)
         write_atomic(fs, f"{root}/config.json", dump_json(config.to_json()))
-    history: list[EpochResult] = []
-    best, best_weights, stale = None, None, 0
-    for epoch in tqdm(range(config.epochs), desc="epochs", disable=not workers.is_chief):
-        result = trainer.run_epoch(epoch)
-        history.append(result)
-        if best is None or result.val_top5 > best.val_top5:
-            best, best_weights, stale = result, trainer.model.get_weights(), 0
-        else:
-            stale += 1
-        if config.early_stopping_patience and stale >= config.early_stopping_patience:
+    progress = checkpoint.restore(fs, root, trainer)
+    start_epoch = progress.next_epoch
+    trainer.start_stream(start_epoch)
+    epochs = range(start_epoch, config.epochs if not progress.stopped_early else start_epoch)
+    for epoch in tqdm(epochs, desc="epochs", disable=not workers.is_chief):
+        stale = progress.record(trainer.run_epoch(epoch), trainer.model.get_weights())
+        progress.stopped_early = bool(config.early_stopping_patience) and stale >= config.early_stopping_patience
+        if workers.is_chief:
+            checkpoint.save(fs, root, trainer, progress)
+        if progress.stopped_early:
             log.info("early stopping: val top-5 has not improved for %d epochs", stale)
             break
-    trainer.model.set_weights(best_weights)
+    best = progress.best
+    trainer.model.set_weights(progress.best_weights)
     results = {
         "model": config.model.name, "dropout": config.model.dropout, "augmentation": config.augment.enabled,
         "train_top1": best.train_top1, "train_top5": best.train_top5,
         "val_top1": best.val_top1, "val_top5": best.val_top5, "best_epoch": best.epoch,
-        "epochs_run": len(history), "start_epoch": 0, "workers": workers.size,
-        "images_per_second": sum(r.images_per_second for r in history) / len(history) * workers.size,
+        "epochs_run": len(progress.history), "start_epoch": start_epoch, "workers": workers.size,
+        "images_per_second": sum(r.images_per_second for r in progress.history) / len(progress.history)
+        * workers.size,
     }
     if workers.is_chief:
         _save_model(trainer.model, fs, f"{root}/model.keras")

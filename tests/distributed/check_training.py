@@ -16,6 +16,7 @@ data, output = sys.argv[1], sys.argv[2]
 workers = dist.init()
 config = from_preset("seed-model2-aug", data, output, epochs=2, batch_size=16, lr=0.001)
 trainer = Trainer(config, workers)
+trainer.start_stream()
 for epoch in range(2):
     result = trainer.run_epoch(epoch)
 checksum = tf.constant([float(np.sum([np.sum(np.abs(w)) for w in trainer.model.get_weights()]))])
