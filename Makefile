@@ -21,13 +21,17 @@ test: setup
 	$(BIN)/ruff check ingest bench tests
 	$(BIN)/python -m pytest
 
-# Synthesise a small TinyImageNet-layout data set (with real-data quirks), shard it, verify it.
+# End to end on this machine: synthesise a small TinyImageNet-layout set (with real-data quirks),
+# shard it, verify it, train the seed's Model 1 on 2 Horovod workers, print the results row.
 demo: setup
 	rm -rf $(DEMO)
 	$(BIN)/python -m ingest.synth --output $(DEMO)/tiny-imagenet-200 --classes 10 \
-		--train-per-class 100 --val-per-class 20 --quirks
+		--train-per-class 200 --val-per-class 20 --quirks
 	$(BIN)/python -m ingest.shard --input $(DEMO)/tiny-imagenet-200 --output $(DEMO)/shards --shard-size 200
 	$(BIN)/python -m ingest.verify $(DEMO)/shards
+	$(BIN)/horovodrun -np 2 -H localhost:2 --gloo $(BIN)/python -m trainer.train --data $(DEMO)/shards \
+		--output $(DEMO)/run --preset seed-model1-aug --epochs 6 --batch-size 32 --lr 0.002 --log-level WARNING
+	@echo "results row ($(DEMO)/run/results.json):" && cat $(DEMO)/run/results.json
 
 bench: setup
 	$(BIN)/python -m bench.ingest

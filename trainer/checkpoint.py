@@ -44,7 +44,8 @@ class Progress:
         """Add an epoch; returns the epochs since the best val top-5."""
         self.history.append(result)
         self.next_epoch = result.epoch + 1
-        if self.best is None or result.val_top5 > self.best.val_top5:
+        # Best = highest val top-5, ties (top-5 saturates early on easy data) broken by top-1.
+        if self.best is None or (result.val_top5, result.val_top1) > (self.best.val_top5, self.best.val_top1):
             self.best_epoch, self.best_weights = result.epoch, weights
         return result.epoch - self.best_epoch
 
