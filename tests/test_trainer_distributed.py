@@ -81,3 +81,16 @@ def test_rerun_resumes_from_the_last_checkpoint(shards, tmp_path):
         assert int(state["optimizer_0"]) == 3 * (1000 // (32 * 2))
     done = horovodrun(*command, "--epochs", "3")
     assert done.returncode == 0 and json.loads((out / "results.json").read_text())["start_epoch"] == 3
+
+
+def test_early_stopping_ends_the_run_and_keeps_the_best_epoch(shards, tmp_path):
+    out = tmp_path / "out"
+    # A learning rate too small to change anything: val accuracy cannot improve after epoch 0.
+    args = ["--data", shards, "--output", out, "--preset", "seed-model1", "--batch-size", "64", "--lr", "1e-12",
+            "--epochs", "10", "--early-stopping-patience", "2"]
+    result = run_cli("trainer.train", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["epochs_run"] == 3 and results["best_epoch"] == 0 and results["workers"] == 1
+    again = run_cli("trainer.train", *args)
+    assert again.returncode == 0 and json.loads((out / "results.json").read_text())["epochs_run"] == 3
