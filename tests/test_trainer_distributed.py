@@ -59,6 +59,22 @@ def test_train_cli_writes_config_model_and_results(shards, tmp_path):
     assert config["model"]["dropout"] == [0.5] and config["augment"]["enabled"] is True and config["lr"] == 0.002
     assert (out / "model.keras").stat().st_size > 0
 
+    # The saved model alone gives the val accuracy the distributed run reported for its best epoch.
+    evaluated = json.loads(run_cli("trainer.evaluate", "--model", out, "--data", shards, check=True).stdout)
+    assert evaluated["top1"] == pytest.approx(results["val_top1"], abs=1e-6)
+    assert evaluated["top5"] == pytest.approx(results["val_top5"], abs=1e-6)
+
+    image = next((shards.parent / "tiny" / "val" / "images").iterdir())
+    (tmp_path / "notes.txt").write_text("not an image")
+    predicted = run_cli("trainer.predict", "--model", out, image, tmp_path / "notes.txt")
+    assert predicted.returncode == 3 and "notes.txt: not a readable image" in predicted.stderr
+    lines = predicted.stdout.splitlines()
+    names = {c["name"] for c in json.loads((out / "classes.json").read_text())}
+    assert lines[0] == str(image) and len(lines) == 6
+    probabilities = [float(line.split()[0]) for line in lines[1:]]
+    assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1.0 + 1e-6
+    assert all(line.split(None, 1)[1] in names for line in lines[1:])
+
 
 def test_rerun_resumes_from_the_last_checkpoint(shards, tmp_path):
     out = tmp_path / "out"

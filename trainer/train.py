@@ -10,16 +10,13 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
-import tempfile
 
-import keras
 from tqdm import tqdm
 
 from ingest.storage import Location, dump_json, write_atomic
 
-from . import checkpoint, dist
+from . import checkpoint, dist, saved
 from .augment import PRESETS as AUGMENT_PRESETS
 from .config import OPTIMIZERS, PRESETS, TrainConfig, from_preset
 from .loop import Trainer
@@ -93,17 +90,9 @@ def train(config: TrainConfig, workers: dist.Workers) -> dict:
         * workers.size,
     }
     if workers.is_chief:
-        _save_model(trainer.model, fs, f"{root}/model.keras")
+        saved.save(trainer.model, trainer.data.manifest["classes"], config.output)
         write_atomic(fs, f"{root}/results.json", dump_json(results))
     return results
-
-
-def _save_model(model: keras.Model, fs, path: str) -> None:
-    with tempfile.TemporaryDirectory() as directory:
-        local = os.path.join(directory, "model.keras")
-        model.save(local)
-        with open(local, "rb") as handle:
-            write_atomic(fs, path, handle.read())
 
 
 def main(argv: list[str] | None = None) -> int:
