@@ -43,3 +43,15 @@ def run_cli(module: str, *args: str, check: bool = False) -> subprocess.Complete
     if check and result.returncode != 0:
         raise AssertionError(f"{module} {args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+@pytest.fixture(scope="session")
+def train_shards(tmp_path_factory):
+    """A learnable 10-class, 64 px data set, ingested: what the trainer tests train on."""
+    from ingest import synth
+
+    base = tmp_path_factory.mktemp("train")
+    synth.generate(str(base / "tiny"), classes=10, train_per_class=100, val_per_class=10, seed=2)
+    run_cli("ingest.shard", "--input", base / "tiny", "--output", base / "shards", "--shard-size", "50",
+            "--processes", "1", check=True)
+    return base / "shards"

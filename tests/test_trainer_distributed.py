@@ -8,20 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from ingest import synth
-
 from .conftest import REPO, run_cli
 
 HOROVODRUN = Path(sys.executable).parent / "horovodrun"
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    base = tmp_path_factory.mktemp("train")
-    synth.generate(str(base / "tiny"), classes=10, train_per_class=100, val_per_class=10, seed=2)
-    run_cli("ingest.shard", "--input", base / "tiny", "--output", base / "shards", "--shard-size", "50",
-            "--processes", "1", check=True)
-    return base / "shards"
+@pytest.fixture
+def shards(train_shards):
+    return train_shards
 
 
 def horovodrun(*command: str) -> subprocess.CompletedProcess:

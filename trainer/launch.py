@@ -1,0 +1,127 @@
+"""Kubernetes-native Horovod launcher: no ssh, no MPI operator.
+
+In an Indexed Job of N pods behind a headless Service, pod i (`JOB_COMPLETION_INDEX`) is
+reachable as the host template filled with i (e.g. `trainer-{index}.trainer`). Every pod computes
+the same host plan; pod 0 also serves Horovod's rendezvous on a fixed port. Each pod then starts
+one process per slot (GPU) with the HOROVOD_* environment that `horovodrun --gloo` would set.
+
+    python -m trainer.launch --pods 4 --slots 8 --host-template trainer-{index}.trainer -- \\
+        python -m trainer.train ...
+    python -m trainer.launch --local-pods 2 -- python -m trainer.train ...   # N "pods" as local processes
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from horovod.runner.common.util.hosts import get_host_assignments, parse_hosts
+from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
+
+POLL_SECONDS = 0.2
+
+
+def host_plan(pods: int, slots: int, template: str) -> list:
+    """Horovod's slot assignment (rank, local and cross rank) for `pods` hosts of `slots` each."""
+    hosts = ",".join(f"{template.format(index=i)}:{slots}" for i in range(pods))
+    return get_host_assignments(parse_hosts(hosts), pods * slots)
+
+
+def slot_environment(slot, rendezvous_addr: str, port: int, iface: str) -> dict[str, str]:
+    return {
+        "HOROVOD_HOSTNAME": slot.hostname, "HOROVOD_RANK": str(slot.rank), "HOROVOD_SIZE": str(slot.size),
+        "HOROVOD_LOCAL_RANK": str(slot.local_rank), "HOROVOD_LOCAL_SIZE": str(slot.local_size),
+        "HOROVOD_CROSS_RANK": str(slot.cross_rank), "HOROVOD_CROSS_SIZE": str(slot.cross_size),
+        "HOROVOD_GLOO_RENDEZVOUS_ADDR": rendezvous_addr, "HOROVOD_GLOO_RENDEZVOUS_PORT": str(port),
+        "HOROVOD_CONTROLLER": "gloo", "HOROVOD_CPU_OPERATIONS": "gloo",
+        "HOROVOD_GLOO_IFACE": iface, "NCCL_SOCKET_IFNAME": iface,
+    }
+
+
+def serve_rendezvous(plan: list, port: int) -> RendezvousHTTPServer:
+    """Pod 0: Horovod's rendezvous server on the fixed port every pod was told."""
+    server = RendezvousHTTPServer(("0.0.0.0", port), RendezvousHandler, 0)
+    server.init(plan)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def run_pod(index: int, pods: int, slots: int, template: str, rendezvous_addr: str, port: int, iface: str,
+            command: list[str]) -> int:
+    """Start this pod's slot processes; the first failure stops the others (no rank may hang)."""
+    plan = host_plan(pods, slots, template)
+    hostname = template.format(index=index)
+    server = serve_rendezvous(plan, port) if index == 0 else None
+    processes = [subprocess.Popen(command, env={**os.environ, **slot_environment(s, rendezvous_addr, port, iface)})
+                 for s in plan if s.hostname == hostname]
+    try:
+        return _wait(processes)
+    finally:
+        if server is not None:
+            server.shutdown()
+
+
+def _wait(processes: list[subprocess.Popen]) -> int:
+    """Exit code of the first process to fail (0 when all succeed); the rest are then stopped,
+    also when this launcher is itself stopped (SIGTERM from Kubernetes or a parent launcher)."""
+    try:
+        while True:
+            codes = [p.poll() for p in processes]
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed or all(c == 0 for c in codes):
+                return failed[0] if failed else 0
+            time.sleep(POLL_SECONDS)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in processes:
+            process.wait()
+
+
+def run_local(pods: int, slots: int, port: int, command: list[str]) -> int:
+    """N pods as local process groups on 127.0.0.1: the same launcher, as tests and the demo run it."""
+    launchers = [subprocess.Popen([sys.executable, "-m", "trainer.launch", "--pods", str(pods), "--slots", str(slots),
+                                   "--pod-index", str(i), "--host-template", "pod-{index}", "--rendezvous-addr",
+                                   "127.0.0.1", "--port", str(port), "--iface", "lo", "--", *command])
+                 for i in range(pods)]
+    return _wait(launchers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer.launch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pods", type=int, default=1, help="pods in the job (the Indexed Job's completions)")
+    parser.add_argument("--slots", type=int, default=1, help="processes per pod, one per GPU (default 1)")
+    parser.add_argument("--pod-index", type=int, default=int(os.environ.get("JOB_COMPLETION_INDEX", "0")),
+                        help="this pod's index (default $JOB_COMPLETION_INDEX)")
+    parser.add_argument("--host-template", default="localhost",
+                        help="pod i's DNS name with {index}, e.g. trainer-{index}.trainer (headless Service)")
+    parser.add_argument("--rendezvous-addr", help="address of pod 0 (default: the template filled with 0)")
+    parser.add_argument("--port", type=int, default=29500, help="rendezvous port served by pod 0 (default 29500)")
+    parser.add_argument("--iface", default="eth0", help="network interface Gloo and NCCL use (default eth0)")
+    parser.add_argument("--local-pods", type=int, help="run this many pods as local processes (tests, demo)")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the training command")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("give the command to run after --")
+    if not 0 <= args.pod_index < args.pods and not args.local_pods:
+        parser.error(f"pod index {args.pod_index} must be in 0..{args.pods - 1}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # Kubernetes stops pods with SIGTERM
+    if args.local_pods:
+        return run_local(args.local_pods, args.slots, args.port, command)
+    return run_pod(args.pod_index, args.pods, args.slots, args.host_template,
+                   args.rendezvous_addr or args.host_template.format(index=0), args.port, args.iface, command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
