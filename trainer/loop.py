@@ -30,6 +30,7 @@ class EpochResult:
     val_top1: float
     val_top5: float
     images_per_second: float
+    data_wait_share: float          # of the train time spent waiting for the input pipeline
     seconds: float
 
 
@@ -101,18 +102,21 @@ class Trainer:
         return tf.stack([correct_in_top(probabilities, labels, 1), correct_in_top(probabilities, labels, 5),
                          tf.cast(tf.shape(labels)[0], tf.float32)])
 
-    def train_epoch(self) -> tuple[float, float, float, float]:
-        """(mean loss, top-1, top-5, images/s of this rank) over one epoch, averaged over ranks."""
+    def train_epoch(self) -> tuple[float, float, float, float, float]:
+        """(mean loss, top-1, top-5, images/s of this rank, data-wait share) over one epoch;
+        the accuracies averaged over ranks."""
         sums = tf.zeros([3])
-        started = time.perf_counter()
+        started, waiting = time.perf_counter(), 0.0
         for _ in range(self.steps_per_epoch):
+            asked = time.perf_counter()
             images, labels = next(self.train_stream)
+            waiting += time.perf_counter() - asked
             sums += self.train_step(images, labels)
         seconds = time.perf_counter() - started
         self.sync_statistics()
         images_seen = self.steps_per_epoch * self.config.batch_size
         loss, top1, top5 = (dist.average([sums])[0] / [self.steps_per_epoch, images_seen, images_seen]).numpy()
-        return float(loss), float(top1), float(top5), images_seen / seconds
+        return float(loss), float(top1), float(top5), images_seen / seconds, waiting / seconds
 
     def sync_statistics(self) -> None:
         """Average the non-trained state (BatchNorm's moving statistics, updated from each rank's own
@@ -132,11 +136,12 @@ class Trainer:
 
     def run_epoch(self, epoch: int) -> EpochResult:
         started = time.perf_counter()
-        loss, train_top1, train_top5, rate = self.train_epoch()
+        loss, train_top1, train_top5, rate, wait_share = self.train_epoch()
         val_top1, val_top5 = self.evaluate()
-        result = EpochResult(epoch, loss, train_top1, train_top5, val_top1, val_top5, rate,
+        result = EpochResult(epoch, loss, train_top1, train_top5, val_top1, val_top5, rate, wait_share,
                              time.perf_counter() - started)
         if self.workers.is_chief:
             log.info("epoch %d: loss %.4f, train top-1 %.4f top-5 %.4f, val top-1 %.4f top-5 %.4f, "
-                     "%.0f img/s per worker", epoch, loss, train_top1, train_top5, val_top1, val_top5, rate)
+                     "%.0f img/s per worker, %.1f%% waiting for data", epoch, loss, train_top1, train_top5,
+                     val_top1, val_top5, rate, 100 * wait_share)
         return result

@@ -88,6 +88,7 @@ def train(config: TrainConfig, workers: dist.Workers) -> dict:
         "epochs_run": len(progress.history), "start_epoch": start_epoch, "workers": workers.size,
         "images_per_second": sum(r.images_per_second for r in progress.history) / len(progress.history)
         * workers.size,
+        "data_wait_share": sum(r.data_wait_share for r in progress.history) / len(progress.history),
     }
     if workers.is_chief:
         saved.save(trainer.model, trainer.data.manifest["classes"], config.output)
