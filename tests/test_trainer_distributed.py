@@ -104,3 +104,18 @@ def test_early_stopping_ends_the_run_and_keeps_the_best_epoch(shards, tmp_path):
     assert results["epochs_run"] == 3 and results["best_epoch"] == 0 and results["workers"] == 1
     again = run_cli("trainer.train", *args)
     assert again.returncode == 0 and json.loads((out / "results.json").read_text())["epochs_run"] == 3
+
+
+def test_one_and_two_workers_with_the_same_global_batch_learn_alike(shards, tmp_path):
+    # Same global batch (32) and the same effective learning rate (the flag is per worker, scaled by size).
+    common = ["--data", shards, "--preset", "seed-model1-aug", "--epochs", "6"]
+    alone = run_cli("trainer.train", *common, "--output", tmp_path / "one", "--batch-size", "32", "--lr", "0.002")
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    pair = horovodrun(sys.executable, "-m", "trainer.train", *map(str, common), "--output", str(tmp_path / "two"),
+                      "--batch-size", "16", "--lr", "0.001")
+    assert pair.returncode == 0, pair.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert (one["workers"], two["workers"]) == (1, 2)
+    assert one["val_top1"] > 0.3 and two["val_top1"] > 0.3
+    assert abs(one["val_top1"] - two["val_top1"]) < 0.2     # 100 val images: noise is about +-0.1
