@@ -55,11 +55,26 @@ def build_inputs(config: TrainConfig) -> Dataset:
                                shuffle_buffer=config.shuffle_buffer, seed=config.seed, augment=config.augment))
 
 
+def set_precision(config: TrainConfig) -> str:
+    """The Keras dtype policy: float16 compute on GPUs, bfloat16 on CPUs, when asked for."""
+    if not config.mixed_precision:
+        policy = "float32"
+    else:
+        policy = "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
+    keras.mixed_precision.set_global_policy(policy)
+    return policy
+
+
 def build_optimizer(config: TrainConfig, workers: dist.Workers, steps_per_epoch: int) -> keras.optimizers.Optimizer:
     schedule = WarmupSchedule(config.lr, config.lr * workers.size, config.warmup_epochs * steps_per_epoch)
     if config.optimizer == "sgd":
-        return keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True)
-    return keras.optimizers.Adam(schedule)
+        optimizer = keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True)
+    else:
+        optimizer = keras.optimizers.Adam(schedule)
+    # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
+    if keras.mixed_precision.global_policy().name == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
 
 
 def correct_in_top(probabilities: tf.Tensor, labels: tf.Tensor, k: int) -> tf.Tensor:
@@ -74,6 +89,7 @@ class Trainer:
         self.workers = workers
         self.data = build_inputs(config)
         self.steps_per_epoch = self.data.steps_per_epoch(workers.size)
+        self.precision = set_precision(config)
         self.model = build_model(config.model, self.data.num_classes, config.image_size)
         self.optimizer = build_optimizer(config, workers, self.steps_per_epoch)
         self.optimizer.build(self.model.trainable_variables)
@@ -91,8 +107,9 @@ class Trainer:
         with tf.GradientTape() as tape:
             probabilities = self.model(images, training=True)
             loss = self.loss_fn(labels, probabilities)
+            scaled = self.optimizer.scale_loss(loss)   # the loss itself unless loss scaling is on
         variables = self.model.trainable_variables
-        gradients = dist.average(tape.gradient(loss, variables))
+        gradients = dist.average(tape.gradient(scaled, variables))
         self.optimizer.apply_gradients(zip(gradients, variables))
         return tf.stack([loss, correct_in_top(probabilities, labels, 1), correct_in_top(probabilities, labels, 5)])
 

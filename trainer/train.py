@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="on-the-fly augmentation (default: on, or the preset's)")
     add("--early-stopping-patience", type=int, help="stop after this many epochs without a better val top-5")
     add("--image-size", type=int, help="model input side in pixels (default 64)")
+    add("--mixed-precision", action=argparse.BooleanOptionalAction, default=None,
+        help="compute in float16 on GPUs (with loss scaling) or bfloat16 on CPUs; weights stay float32")
     add("--seed", type=int, help="seed of shuffling and augmentation (default 0)")
     add("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level")
     return parser
@@ -50,7 +52,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = {key: value for key, value in {
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
         "early_stopping_patience": args.early_stopping_patience, "image_size": args.image_size,
-        "seed": args.seed}.items() if value is not None}
+        "mixed_precision": args.mixed_precision, "seed": args.seed}.items() if value is not None}
     config = (from_preset(args.preset, args.data, args.output, **overrides) if args.preset
               else TrainConfig(data=args.data, output=args.output, **overrides))
     if args.model or args.dropout:

@@ -17,7 +17,7 @@ def resnet18(num_classes: int, image_size: int = 64) -> keras.Model:
         x = _basic_block(x, filters, stride)
         x = _basic_block(x, filters, 1)
     x = layers.GlobalAveragePooling2D()(x)
-    outputs = layers.Dense(num_classes, activation="softmax")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", dtype="float32")(x)  # float32 under mixed precision
     return keras.Model(inputs, outputs, name="resnet18")
 
 
@@ -36,6 +36,8 @@ def _basic_block(x, filters: int, stride: int):
 
 
 def resnet50(num_classes: int, image_size: int = 224) -> keras.Model:
-    """Keras' ResNet-50, randomly initialised (no weights are downloaded)."""
-    return keras.applications.ResNet50(weights=None, input_shape=(image_size, image_size, 3),
-                                       classes=num_classes, classifier_activation="softmax")
+    """Keras' ResNet-50, randomly initialised (no weights are downloaded); its output cast to
+    float32, as under a mixed-precision policy the softmax would otherwise be half precision."""
+    model = keras.applications.ResNet50(weights=None, input_shape=(image_size, image_size, 3),
+                                        classes=num_classes, classifier_activation="softmax")
+    return keras.Model(model.input, layers.Activation("linear", dtype="float32")(model.output), name="resnet50")

@@ -17,8 +17,7 @@ def model1(num_classes: int, image_size: int = 64, dropout: tuple[float, ...] = 
     stack = []
     for filters in (32, 64, 128, 128):
         stack += [_conv(filters), layers.MaxPooling2D(2)]
-    stack += [layers.Flatten(), layers.Dropout(rate), layers.Dense(512, activation="relu"),
-              layers.Dense(num_classes, activation="softmax")]
+    stack += [layers.Flatten(), layers.Dropout(rate), layers.Dense(512, activation="relu"), _classifier(num_classes)]
     return keras.Sequential([keras.Input((image_size, image_size, 3)), *stack], name="model1")
 
 
@@ -31,10 +30,14 @@ def model2(num_classes: int, image_size: int = 64, dropout: tuple[float, ...] = 
         _conv(32), _conv(64), layers.MaxPooling2D(2), layers.BatchNormalization(), layers.Dropout(second),
         _conv(128), layers.MaxPooling2D(2), _conv(128), layers.MaxPooling2D(2), layers.BatchNormalization(),
         layers.Flatten(), layers.Dropout(third),
-        layers.Dense(512, activation="relu"), layers.Dense(1024, activation="relu"),
-        layers.Dense(num_classes, activation="softmax"),
+        layers.Dense(512, activation="relu"), layers.Dense(1024, activation="relu"), _classifier(num_classes),
     ]
     return keras.Sequential([keras.Input((image_size, image_size, 3)), *stack], name="model2")
+
+
+def _classifier(num_classes: int) -> layers.Layer:
+    """Softmax in float32 also under a mixed-precision policy: the loss needs the precision."""
+    return layers.Dense(num_classes, activation="softmax", dtype="float32")
 
 
 def _rates(dropout: tuple[float, ...], count: int, model: str) -> tuple[float, ...]:
