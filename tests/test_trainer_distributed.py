@@ -130,3 +130,9 @@ def test_mixed_precision_trains_and_saves_a_float32_output(shards, tmp_path):
     assert json.loads((out / "results.json").read_text())["val_top1"] > 0.3
     evaluated = json.loads(run_cli("trainer.evaluate", "--model", out, "--data", shards, check=True).stdout)
     assert evaluated["samples"] == 100
+
+
+def test_a_dataset_that_is_not_there_is_a_clean_error(tmp_path):
+    result = run_cli("trainer.train", "--data", tmp_path / "nothing", "--output", tmp_path / "out")
+    assert result.returncode == 3 and "Traceback" not in result.stderr
+    assert f"error: {tmp_path / 'nothing'}/manifest.json: missing" in result.stderr

@@ -14,6 +14,7 @@ import sys
 
 from tqdm import tqdm
 
+from ingest.errors import EXIT_INPUT, IngestError
 from ingest.storage import Location, dump_json, write_atomic
 
 from . import checkpoint, dist, saved
@@ -108,7 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     workers = dist.init()
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("trainer").setLevel(args.log_level if workers.is_chief else "WARNING")
-    results = train(config, workers)
+    try:
+        results = train(config, workers)
+    except (IngestError, ValueError) as exc:   # a dataset that is missing, unfinished or too small
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
     if workers.is_chief:
         print(json.dumps(results))
     return 0
