@@ -16,6 +16,7 @@ import tensorflow as tf
 from . import dist
 from .config import TrainConfig
 from .data import Dataset, InputConfig
+from .metrics import TrainerMetrics
 from .models import build_model
 
 log = logging.getLogger(__name__)
@@ -84,9 +85,10 @@ def correct_in_top(probabilities: tf.Tensor, labels: tf.Tensor, k: int) -> tf.Te
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, workers: dist.Workers):
+    def __init__(self, config: TrainConfig, workers: dist.Workers, metrics: TrainerMetrics | None = None):
         self.config = config
         self.workers = workers
+        self.metrics = metrics
         self.data = build_inputs(config)
         self.steps_per_epoch = self.data.steps_per_epoch(workers.size)
         self.precision = set_precision(config)
@@ -127,8 +129,11 @@ class Trainer:
         for _ in range(self.steps_per_epoch):
             asked = time.perf_counter()
             images, labels = next(self.train_stream)
-            waiting += time.perf_counter() - asked
+            got = time.perf_counter()
             sums += self.train_step(images, labels)
+            waiting += got - asked
+            if self.metrics:
+                self.metrics.record_step(self.config.batch_size, time.perf_counter() - asked, got - asked)
         seconds = time.perf_counter() - started
         self.sync_statistics()
         images_seen = self.steps_per_epoch * self.config.batch_size
@@ -157,6 +162,10 @@ class Trainer:
         val_top1, val_top5 = self.evaluate()
         result = EpochResult(epoch, loss, train_top1, train_top5, val_top1, val_top5, rate, wait_share,
                              time.perf_counter() - started)
+        if self.metrics:
+            accuracies = {("train", 1): train_top1, ("train", 5): train_top5, ("val", 1): val_top1, ("val", 5): val_top5}
+            self.metrics.record_epoch(epoch, loss, accuracies, float(self.optimizer.learning_rate))
+            self.metrics.record_reads(self.data.source.stats)
         if self.workers.is_chief:
             log.info("epoch %d: loss %.4f, train top-1 %.4f top-5 %.4f, val top-1 %.4f top-5 %.4f, "
                      "%.0f img/s per worker, %.1f%% waiting for data", epoch, loss, train_top1, train_top5,

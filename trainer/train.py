@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import sys
+from importlib.metadata import version
 
 from tqdm import tqdm
 
@@ -21,6 +22,7 @@ from . import checkpoint, dist, saved
 from .augment import PRESETS as AUGMENT_PRESETS
 from .config import OPTIMIZERS, PRESETS, TrainConfig, from_preset
 from .loop import Trainer
+from .metrics import TrainerMetrics
 from .models import MODELS, ModelConfig
 
 log = logging.getLogger("trainer")
@@ -42,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="on-the-fly augmentation (default: on, or the preset's)")
     add("--early-stopping-patience", type=int, help="stop after this many epochs without a better val top-5")
     add("--image-size", type=int, help="model input side in pixels (default 64)")
+    add("--metrics-port", type=int,
+        help="serve Prometheus metrics on this port plus the local rank (one port per process)")
     add("--mixed-precision", action=argparse.BooleanOptionalAction, default=None,
         help="compute in float16 on GPUs (with loss scaling) or bfloat16 on CPUs; weights stay float32")
     add("--seed", type=int, help="seed of shuffling and augmentation (default 0)")
@@ -53,7 +57,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = {key: value for key, value in {
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
         "early_stopping_patience": args.early_stopping_patience, "image_size": args.image_size,
-        "mixed_precision": args.mixed_precision, "seed": args.seed}.items() if value is not None}
+        "mixed_precision": args.mixed_precision, "metrics_port": args.metrics_port, "seed": args.seed}.items() if value is not None}
     config = (from_preset(args.preset, args.data, args.output, **overrides) if args.preset
               else TrainConfig(data=args.data, output=args.output, **overrides))
     if args.model or args.dropout:
@@ -66,7 +70,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def train(config: TrainConfig, workers: dist.Workers) -> dict:
-    trainer = Trainer(config, workers)
+    metrics = None
+    if config.metrics_port is not None:   # one port per process on a node: base + local rank
+        info = {"model": config.model.name, "workers": str(workers.size), "version": version("imagenet-k8s-trainer")}
+        metrics = TrainerMetrics(workers.rank, info, config.metrics_port + workers.local_rank)
+    trainer = Trainer(config, workers, metrics)
     fs, root = Location(config.output).open()
     if workers.is_chief:
         write_atomic(fs, f"{root}/config.json", dump_json(config.to_json()))
