@@ -38,6 +38,8 @@ class IngestConfig:
     quality: int = 95
     seed: int = 0
     storage_options: dict[str, Any] = field(default_factory=dict)
+    metrics_port: int | None = None     # serve Prometheus metrics while running
+    pushgateway: str | None = None      # push the final counts there (batch-job pattern)
 
     def __post_init__(self) -> None:
         self.splits = tuple(self.splits)

@@ -23,6 +23,7 @@ from . import cli
 from .config import IngestConfig, parse_bytes
 from .errors import EXIT_CODES, IngestError, OutputError
 from .manifest import finalize
+from .metrics import IngestMetrics
 from .plan import Plan, ShardPlan, make_plan
 from .sources import CHOICES, scan_input, serial_starmap
 from .storage import Location, display, parse_storage_options, prepare_output, resolve_input, write_json
@@ -47,23 +48,30 @@ def run(config: IngestConfig) -> RunReport:
     output = Location(config.output, config.storage_options)
     fs, root = prepare_output(output)
     report = RunReport(where=display(fs, root))
+    metrics = IngestMetrics(config.metrics_port)
     if config.input is not None:
-        _run_worker(config, output, fs, root, report)
+        _run_worker(config, output, fs, root, report, metrics)
+    if config.pushgateway:
+        try:
+            metrics.push(config.pushgateway, grouping={"worker": str(config.worker_index)})
+        except OSError as exc:  # the dataset is complete; losing its metrics must not fail the job
+            log.warning("could not push metrics to %s: %s", config.pushgateway, exc)
     if config.finalize or (config.input is not None and config.num_workers == 1):
         report.manifest = finalize(fs, root)
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _run_worker(config: IngestConfig, output: Location, fs, root: str, report: RunReport) -> None:
+def _run_worker(config: IngestConfig, output: Location, fs, root: str, report: RunReport,
+                metrics: IngestMetrics) -> None:
     source = resolve_input(config.input, config.storage_options)
     image_settings = ImageSettings(config.resize, config.validate, config.quality)
     with ShardRunner(config.processes, (source, output, image_settings)) as runner:
-        _plan_and_build(config, source, fs, root, runner, report)
+        _plan_and_build(config, source, fs, root, runner, report, metrics)
 
 
 def _plan_and_build(config: IngestConfig, source: Location, fs, root: str, runner: ShardRunner,
-                    report: RunReport) -> None:
+                    report: RunReport, metrics: IngestMetrics) -> None:
     log.info("listing %s", config.input)
     scan = scan_input(source, config.source, config.splits, runner.starmap)
     settings = {"kind": scan.kind, **config.settings()}
@@ -76,7 +84,7 @@ def _plan_and_build(config: IngestConfig, source: Location, fs, root: str, runne
     report.skipped = len(mine) - len(todo)
     log.info("%s: %d classes, %d shards planned, %d for this worker, %d already committed",
              scan.kind, len(plan.classes), len(plan.shards), len(mine), report.skipped)
-    report.written = _build_all(todo, runner, plan.plan_id)
+    report.written = _build_all(todo, runner, plan.plan_id, metrics)
 
 
 def _claim_output(fs, root: str, plan: Plan, source: dict) -> None:
@@ -92,13 +100,14 @@ def _claim_output(fs, root: str, plan: Plan, source: dict) -> None:
             f"({'; '.join(changed) or 'the input files changed'}); use a new output location or delete that one")
 
 
-def _build_all(todo: list, runner: ShardRunner, plan_id: str) -> list[dict]:
+def _build_all(todo: list, runner: ShardRunner, plan_id: str, metrics: IngestMetrics) -> list[dict]:
     total = sum(len(shard.samples) for shard in todo)
     written = []
     with tqdm(total=total, unit="img", desc="shards", dynamic_ncols=True,
               mininterval=1 if sys.stderr.isatty() else 30) as bar:
         for entry in runner.results(todo, plan_id):
             written.append(entry)
+            metrics.record_shard(entry)
             bar.update(entry["samples"] + len(entry["rejected"]))
             bar.set_postfix(shards=f"{len(written)}/{len(todo)}", refresh=False)
     return written
@@ -228,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=0, help="seed of the shuffle that mixes classes across shards (default 0)")
     add("--storage-option", action="append", default=[], metavar="KEY=VALUE",
         help="fsspec storage option for input and output, repeatable (e.g. endpoint_url=http://127.0.0.1:9000)")
+    add("--metrics-port", type=int, help="serve Prometheus metrics on this port while running")
+    add("--pushgateway", metavar="URL", help="push the final counts to this Prometheus Pushgateway at the end")
     add("--log-level", default="INFO", choices=cli.LOG_LEVELS, help="logging level (default INFO)")
     return parser
 
@@ -239,6 +250,7 @@ def config_from_args(args: argparse.Namespace) -> IngestConfig:
         num_workers=args.num_workers, worker_index=args.worker_index, finalize=args.finalize,
         resize=args.resize, validate=args.validate, quality=args.quality, seed=args.seed,
         storage_options=parse_storage_options(args.storage_option),
+        metrics_port=args.metrics_port, pushgateway=args.pushgateway,
     )
 
 

@@ -316,3 +316,25 @@ def test_a_killed_worker_process_fails_the_run_fast(tmp_path):
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 1 and "a worker process died" in stderr and "Traceback" not in stderr
     assert not (out / "manifest.json").exists()
+
+
+def test_metrics_served_during_the_run_match_the_manifest(tiny, tmp_path):
+    import shutil
+    import urllib.request
+
+    from bench.servers import free_port
+
+    port = free_port()
+    report = run(IngestConfig(output=str(tmp_path / "out"), input=str(tiny[1]), shard_size=4, processes=1,
+                              metrics_port=port, pushgateway=f"http://127.0.0.1:{free_port()}"))
+    exposition = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    checked = subprocess.run([shutil.which("promtool"), "check", "metrics"], input=exposition,
+                             capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    manifest = report.manifest
+    assert f'ingest_images_total{{split="train"}} {float(manifest["splits"]["train"]["samples"])}' in exposition
+    assert f"ingest_shards_committed_total {float(len(report.written))}" in exposition
+    for cause, count in manifest["reencoded"].items():
+        assert f'ingest_images_reencoded_total{{cause="{cause}"}} {float(count)}' in exposition
+    shard_rejects = [r for e in report.written for r in e["rejected"]]
+    assert shard_rejects and all(f'reason="{r["reason"]}"' in exposition for r in shard_rejects)

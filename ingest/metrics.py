@@ -1,0 +1,33 @@
+"""Prometheus metrics of an ingest run (names in shared/DESIGN.md). Served on /metrics while the
+job runs (`--metrics-port`) and, as Prometheus recommends for batch jobs, pushed once at the end
+to a Pushgateway (`--pushgateway URL`)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, push_to_gateway, start_http_server
+
+
+class IngestMetrics:
+    def __init__(self, port: int | None = None):
+        self.registry = CollectorRegistry()
+        metric = {"registry": self.registry}
+        self.images = Counter("ingest_images", "Images stored in committed shards", ["split"], **metric)
+        self.bytes = Counter("ingest_bytes_written", "Shard bytes written", **metric)
+        self.shards = Counter("ingest_shards_committed", "Shards committed", **metric)
+        self.rejected = Counter("ingest_images_rejected", "Images rejected, by reason", ["reason"], **metric)
+        self.reencoded = Counter("ingest_images_reencoded", "Images re-encoded to RGB JPEG, by cause", ["cause"],
+                                 **metric)
+        if port is not None:
+            start_http_server(port, registry=self.registry)
+
+    def record_shard(self, entry: dict) -> None:
+        """Count one committed shard from its index entry."""
+        self.images.labels(entry["split"]).inc(entry["samples"])
+        self.bytes.inc(entry["bytes"])
+        self.shards.inc()
+        for rejected in entry["rejected"]:
+            self.rejected.labels(rejected["reason"]).inc()
+        for cause, count in entry["reencoded"].items():
+            self.reencoded.labels(cause).inc(count)
+
+    def push(self, gateway: str, job: str = "ingest", grouping: dict[str, str] | None = None) -> None:
+        push_to_gateway(gateway, job=job, registry=self.registry, grouping_key=grouping or {})
