@@ -49,6 +49,8 @@ _NO_LENGTH_MARKERS = frozenset({0x00, 0x01, *range(0xD0, 0xD8)})
 _EOI_BYTES = b"\xff\xd9"
 
 _COMPONENT_CAUSES = {1: "grayscale", 4: "cmyk"}
+# Every cause `Normalized.reencoded` can hold (metrics initialise a series for each).
+REENCODE_CAUSES = (*_COMPONENT_CAUSES.values(), "jpeg_other", *(f for f in _PILLOW_PLUGINS if f != "jpeg"), "resized")
 _WHITE = (255, 255, 255, 255)
 
 

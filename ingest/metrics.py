@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, push_to_gateway, start_http_server
 
+from .images import REENCODE_CAUSES, REJECT_REASONS
+
 
 class IngestMetrics:
     def __init__(self, port: int | None = None):
@@ -16,6 +18,11 @@ class IngestMetrics:
         self.rejected = Counter("ingest_images_rejected", "Images rejected, by reason", ["reason"], **metric)
         self.reencoded = Counter("ingest_images_reencoded", "Images re-encoded to RGB JPEG, by cause", ["cause"],
                                  **metric)
+        # Known label values start at 0, so dashboards and rate() see the series before the first event.
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
+        for cause in REENCODE_CAUSES:
+            self.reencoded.labels(cause)
         if port is not None:
             start_http_server(port, registry=self.registry)
 

@@ -8,6 +8,7 @@ from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTO
 from .shards import ReadStats
 
 # From a fast GPU step (milliseconds) to a slow CPU one (seconds).
+SKIP_REASONS = ("shard_missing", "shard_unreadable", "sample_incomplete")
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -32,6 +33,8 @@ class TrainerMetrics:
         self.skipped = Counter("trainer_samples_skipped", "Samples or shards skipped, by reason",
                                registry=self.registry, labelnames=["rank", "reason"])
         Info("trainer", "The run: model, workers, version", registry=self.registry).info(info)
+        for reason in SKIP_REASONS:   # start at 0: dashboards and rate() see them before the first skip
+            self.skipped.labels(self.rank, reason)
         self._read_bytes = 0
         self._skipped: dict[str, int] = {}
         if port is not None:
