@@ -208,3 +208,19 @@ def test_the_seed_model2_learns_the_synthetic_set(shards, tmp_path):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     # 10 classes: chance top-5 is 0.5. Heavy dropout (.75) makes model2 slower than model1.
     assert results["val_top5"] > 0.8
+
+
+def test_outputs_and_resume_through_s3(shards, s3_bucket):
+    import fsspec
+
+    url = f"s3://{s3_bucket}/run"
+    args = ["--data", shards, "--output", url, "--preset", "seed-model1-aug", "--batch-size", "64"]
+    assert run_cli("trainer.train", *args, "--epochs", "1").returncode == 0
+    resumed = run_cli("trainer.train", *args, "--epochs", "2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    fs, root = fsspec.core.url_to_fs(url)
+    results = json.loads(fs.cat_file(f"{root}/results.json"))
+    assert results["start_epoch"] == 1 and results["epochs_run"] == 2
+    assert fs.isfile(f"{root}/model.keras") and fs.isfile(f"{root}/checkpoints/latest.json")
+    evaluated = json.loads(run_cli("trainer.evaluate", "--model", url, "--data", shards, check=True).stdout)
+    assert evaluated["top1"] == pytest.approx(results["val_top1"], abs=1e-6)
