@@ -42,6 +42,11 @@ PRESETS = {
 }
 
 
+def preset_for(image_size: int) -> AugmentConfig:
+    """The default augmentation for an input size: TinyImageNet's up to 64 px, ImageNet's above."""
+    return PRESETS["tinyimagenet" if image_size <= 64 else "imagenet"]
+
+
 def normalize(image: tf.Tensor) -> tf.Tensor:
     """uint8 RGB -> float32, per-channel standardised. The one place images are normalised."""
     image = tf.cast(image, tf.float32) / 255.0

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from .augment import PRESETS
+from .augment import preset_for
 from .data import Dataset, InputConfig
 from .loop import correct_in_top
 from .saved import load
@@ -17,7 +17,7 @@ def evaluate(run: str, data: str, split: str = "val", batch_size: int = 128) -> 
     model, _ = load(run)
     size = model.input_shape[1]
     dataset = Dataset(InputConfig(data=data, image_size=size, batch_size=batch_size,
-                                  augment=PRESETS["tinyimagenet" if size <= 64 else "imagenet"]))
+                                  augment=preset_for(size)))
     counts = np.zeros(3)
     for images, labels in dataset.evaluate(split):
         probabilities = model(images, training=False)

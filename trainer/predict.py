@@ -7,13 +7,13 @@ import sys
 import numpy as np
 import tensorflow as tf
 
-from .augment import PRESETS, eval_image
+from .augment import eval_image, preset_for
 from .saved import load
 
 
 def top5(model, classes: list[dict], image_bytes: bytes) -> list[tuple[str, float]]:
     size = model.input_shape[1]
-    augment = PRESETS["tinyimagenet" if size <= 64 else "imagenet"]
+    augment = preset_for(size)
     jpeg = tf.io.encode_jpeg(tf.io.decode_image(image_bytes, channels=3, expand_animations=False))
     probabilities = model(eval_image(jpeg, size, augment)[None], training=False).numpy()[0]
     best = np.argsort(probabilities)[::-1][:5]
