@@ -1,4 +1,5 @@
-"""Local servers for benchmarks and tests: a real S3 API from moto_server on 127.0.0.1."""
+"""Local servers for benchmarks and tests on 127.0.0.1: moto_server (a real S3 API), and any
+server binary started until its readiness URL answers (Prometheus, Pushgateway)."""
 from __future__ import annotations
 
 import contextlib
@@ -22,19 +23,25 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def moto_server(timeout: float = 30.0) -> Iterator[str]:
-    """Start moto_server (from the moto[server] extra, beside this Python) and yield its endpoint URL."""
-    port = free_port()
-    executable = Path(sys.executable).parent / "moto_server"
-    process = subprocess.Popen([str(executable), "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
-    endpoint = f"http://127.0.0.1:{port}"
+def local_server(command: list[str], ready_url: str, timeout: float = 30.0) -> Iterator[subprocess.Popen]:
+    """Run `command` until its `ready_url` answers; stop it on exit."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     try:
-        _wait_ready(process, f"{endpoint}/moto-api/", timeout)
-        yield endpoint
+        _wait_ready(process, ready_url, timeout)
+        yield process
     finally:
         process.terminate()
         process.wait(10)
+
+
+@contextlib.contextmanager
+def moto_server(timeout: float = 30.0) -> Iterator[str]:
+    """Start moto_server (from the moto[server] extra, beside this Python) and yield its endpoint URL."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    command = [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    with local_server(command, f"{endpoint}/moto-api/", timeout):
+        yield endpoint
 
 
 def _wait_ready(process: subprocess.Popen, url: str, timeout: float) -> None:
@@ -45,5 +52,5 @@ def _wait_ready(process: subprocess.Popen, url: str, timeout: float) -> None:
             return
         except OSError:
             if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError(f"moto_server did not answer at {url}") from None
+                raise RuntimeError(f"{process.args[0]} did not answer at {url}") from None
             time.sleep(0.2)

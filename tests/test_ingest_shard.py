@@ -344,26 +344,14 @@ def test_final_counts_are_pushed_to_a_real_pushgateway(tiny, tmp_path):
     import shutil
     import urllib.request
 
-    from bench.servers import free_port
+    from bench.servers import free_port, local_server
 
     port = free_port()
-    gateway = subprocess.Popen([shutil.which("prometheus-pushgateway"), f"--web.listen-address=127.0.0.1:{port}"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=1)
-                break
-            except OSError:
-                assert time.monotonic() < deadline and gateway.poll() is None
-                time.sleep(0.2)
+    command = [shutil.which("prometheus-pushgateway"), f"--web.listen-address=127.0.0.1:{port}"]
+    with local_server(command, f"http://127.0.0.1:{port}/-/ready"):
         ingest(tiny[1], tmp_path / "out", "--processes", "1", "--pushgateway", f"http://127.0.0.1:{port}",
                "--num-workers", "1", "--worker-index", "0")
         pushed = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    finally:
-        gateway.terminate()
-        gateway.wait(10)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     train = float(manifest["splits"]["train"]["samples"])
     assert f'ingest_images_total{{instance="",job="ingest",split="train",worker="0"}} {train:g}' in pushed

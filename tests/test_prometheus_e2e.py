@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench.servers import free_port
+from bench.servers import free_port, local_server
 from ingest.config import IngestConfig
 from ingest.shard import run as run_ingest
 
@@ -65,12 +65,10 @@ def prometheus(tmp_path, train_shards):
         ],
     }
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    server = subprocess.Popen([shutil.which("prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}",
-                               f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    yield f"http://127.0.0.1:{port}", trainer_port, ingest_port
-    server.terminate()
-    server.wait(30)
+    command = [shutil.which("prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}",
+               f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"]
+    with local_server(command, f"http://127.0.0.1:{port}/-/ready"):
+        yield f"http://127.0.0.1:{port}", trainer_port, ingest_port
 
 
 def test_every_dashboard_and_rule_expression_works_on_real_runs(prometheus, train_shards, tmp_path):
