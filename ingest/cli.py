@@ -1,13 +1,27 @@
 """What every ingest command line shares: logging set-up and turning errors into exit codes."""
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from collections.abc import Callable
+from typing import TypeVar
 
 from .errors import EXIT_INTERRUPTED, EXIT_OK, IngestError
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+T = TypeVar("T")
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None,
+          build: Callable[[argparse.Namespace], T]) -> tuple[argparse.Namespace, T]:
+    """Parse the command line and build its config; a value out of range (ValueError from the
+    config's checks) is reported like any other usage error: usage line, message, exit 2."""
+    args = parser.parse_args(argv)
+    try:
+        return args, build(args)
+    except ValueError as exc:
+        parser.error(str(exc))
 
 
 def run_main(body: Callable[[], int | None], log_level: str = "INFO") -> int:

@@ -255,12 +255,7 @@ def config_from_args(args: argparse.Namespace) -> IngestConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        config = config_from_args(args)
-    except ValueError as exc:
-        parser.error(str(exc))
+    args, config = cli.parse(build_parser(), argv, config_from_args)
     return cli.run_main(lambda: print(summary(run(config))), args.log_level)
 
 

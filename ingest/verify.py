@@ -126,12 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        location = Location(args.url, parse_storage_options(args.storage_option))
-    except ValueError as exc:
-        parser.error(str(exc))
+    args, location = cli.parse(build_parser(), argv,
+                               lambda a: Location(a.url, parse_storage_options(a.storage_option)))
 
     def body() -> int:
         checked, problems = verify(location, args.threads)

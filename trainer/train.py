@@ -15,11 +15,12 @@ from importlib.metadata import version
 
 from tqdm import tqdm
 
+from ingest import cli
 from ingest.errors import EXIT_INPUT, IngestError
 from ingest.storage import Location, dump_json, write_atomic
 
 from . import checkpoint, dist, saved
-from .augment import PRESETS as AUGMENT_PRESETS
+from .augment import preset_for
 from .config import OPTIMIZERS, PRESETS, TrainConfig, from_preset
 from .loop import Trainer
 from .metrics import TrainerMetrics
@@ -64,8 +65,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         dropout = tuple(float(v) for v in args.dropout.split(",")) if args.dropout else None
         config.model = ModelConfig(args.model or config.model.name, dropout)
     if args.augment is not None:
-        config.augment = AUGMENT_PRESETS["tinyimagenet" if config.image_size <= 64 else "imagenet"] \
-            if args.augment else dataclasses.replace(config.augment, enabled=False)
+        config.augment = (preset_for(config.image_size) if args.augment
+                          else dataclasses.replace(config.augment, enabled=False))
     return config
 
 
@@ -108,12 +109,7 @@ def train(config: TrainConfig, workers: dist.Workers) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        config = config_from_args(args)
-    except ValueError as exc:
-        parser.error(str(exc))
+    args, config = cli.parse(build_parser(), argv, config_from_args)
     workers = dist.init()
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("trainer").setLevel(args.log_level if workers.is_chief else "WARNING")
