@@ -12,8 +12,8 @@ import tensorflow as tf
 
 from ingest import synth
 from trainer.augment import PRESETS, AugmentConfig, eval_image, normalize, train_image
-from trainer.data import Dataset, InputConfig, assign_shards
-from trainer.shards import ReadStats, parse_tar
+from trainer.data import REORDER_WINDOW, Dataset, DecodeDrops, InputConfig, assign_shards
+from trainer.shards import ReadStats, ShardError, parse_tar
 
 from .conftest import run_cli
 from .helpers import read_dataset
@@ -129,7 +129,7 @@ def test_corrupt_and_missing_shards_are_skipped_and_counted(shards, tmp_path):
     dataset.source.backoff = 0.001
     labels = np.concatenate([y.numpy() for _, y in dataset.evaluate("val")])
     assert len(labels) == manifest["splits"]["val"]["samples"] - val[0]["samples"] - val[1]["samples"]
-    assert stats.skipped_shards == Counter({"unreadable": 1, "missing": 1})
+    assert stats.skipped_shards == Counter({"corrupt": 1, "missing": 1})
 
 
 def test_parse_tar_agrees_with_tarfile(shards, tmp_path):
@@ -176,6 +176,82 @@ def test_a_dataset_whose_shards_are_all_gone_fails_instead_of_hanging(shards, tm
     dataset = Dataset(config(gone))
     with pytest.raises(tf.errors.OpError, match="shards in a row could not be read"):
         next(iter(dataset.train()))
+    with pytest.raises(ShardError, match="shards in a row could not be read"):
+        dataset.source.check()
+
+
+def _damage(root, name: str, damage) -> bytes:
+    """Rewrite a shard with `damage(data, members)` applied, returning the new bytes."""
+    data = bytearray((root / name).read_bytes())
+    damage(data, parse_tar(bytes(data)))
+    (root / name).write_bytes(data)
+    return bytes(data)
+
+
+def test_a_shard_that_differs_from_the_manifest_is_skipped_as_corrupt(shards, tmp_path):
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(shards, damaged)
+    manifest, _ = read_dataset(str(damaged))
+    first = manifest["splits"]["val"]["shards"][0]
+
+    def flip_a_pixel_byte(data, members):   # a valid tar, a decodable JPEG: only the sha256 can tell
+        start, end = next(iter(members.values()))["jpg"]
+        data[(start + end) // 2] ^= 0x01
+
+    _damage(damaged, first["name"], flip_a_pixel_byte)
+    stats = ReadStats()
+    dataset = Dataset(config(damaged), stats)
+    dataset.source.backoff = 0.001
+    labels = np.concatenate([y.numpy() for _, y in dataset.evaluate("val")])
+    assert len(labels) == manifest["splits"]["val"]["samples"] - first["samples"]
+    assert stats.skipped_shards == Counter({"corrupt": 1})
+
+
+def test_an_image_that_fails_to_decode_is_skipped_and_counted(shards, tmp_path):
+    import hashlib
+    import json
+    import shutil
+
+    damaged = tmp_path / "undecodable"
+    shutil.copytree(shards, damaged)
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    for split in ("train", "val"):
+        first = manifest["splits"][split]["shards"][0]
+
+        def garble_one_image(data, members):
+            start, end = sorted(members.items())[2][1]["jpg"]
+            data[start:end] = b"\xff\xd8" + b"\x00" * (end - start - 4) + b"\xff\xd9"
+
+        data = _damage(damaged, first["name"], garble_one_image)
+        first["sha256"] = hashlib.sha256(data).hexdigest()   # as if ingest had written it so
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
+
+    stats = ReadStats()
+    dataset = Dataset(config(damaged), stats)
+    labels = np.concatenate([y.numpy() for _, y in dataset.evaluate("val")])
+    assert len(labels) == manifest["splits"]["val"]["samples"] - 1
+    assert stats.skipped_samples == Counter({"undecodable": 1}) and stats.skipped_shards == Counter()
+
+    train_stats = ReadStats()   # a gap counts once the stream is REORDER_WINDOW samples past it
+    batches = Dataset(config(damaged, batch_size=64), train_stats).train().take(REORDER_WINDOW // 64 + 20)
+    assert sum(len(y) for _, y in batches) == (REORDER_WINDOW // 64 + 20) * 64   # the stream goes on past it
+    assert train_stats.skipped_samples["undecodable"] >= 1
+
+
+def test_decode_drops_tell_reordering_from_loss():
+    stats = ReadStats()
+    drops = DecodeDrops(stats, window=4)
+    drops.see(np.array([1, 0, 3]))          # 2 is late, not lost (yet)
+    assert drops.next == 2 and stats.skipped_samples == Counter()
+    drops.see(np.array([2, 5]))
+    assert drops.next == 4 and stats.skipped_samples == Counter()
+    drops.see(np.array([9]))                # 4 is now too far behind the newest: dropped
+    assert drops.next == 6 and stats.skipped_samples == Counter({"undecodable": 1})
+    drops.see(np.array([4]))                # late after all: already counted, not counted again
+    drops.finish(12)                        # 6, 7, 8, 10, 11 never came
+    assert stats.skipped_samples == Counter({"undecodable": 6}) and not drops.ahead
 
 
 def test_a_transient_read_failure_is_retried_and_recovers(shards, tmp_path):

@@ -6,14 +6,23 @@ r % n and keeps the samples i with i % k == r // n, where k ranks share that sha
 sample is still read by exactly one rank. The training stream repeats forever; every rank runs
 `steps_per_epoch = floor(train_samples / global_batch)` steps, so none runs dry and hangs an
 allreduce. Evaluation reads each rank's share of the split exactly once.
+
+Shards are checked against the manifest's sha256 when read, so a damaged shard is skipped whole.
+An image that still fails to decode is dropped by `ignore_errors` right after the decode map and
+counted (as `undecodable` in `ReadStats`) from the gap it leaves in the samples' sequence numbers.
+Nothing upstream of that map can raise (see trainer.shards), so `ignore_errors` hides no other
+error; a fatal reading failure ends the stream with that error instead.
 """
 from __future__ import annotations
 
+import logging
 import random
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 from ingest.manifest import load_manifest
@@ -22,7 +31,12 @@ from ingest.storage import Location
 from .augment import AugmentConfig, eval_image, train_image
 from .shards import ReadStats, ShardSource
 
+log = logging.getLogger(__name__)
+
 AUTOTUNE = tf.data.AUTOTUNE
+# A sample missing this many positions behind the newest one seen was dropped, not reordered: the
+# parallel map reorders far less than this.
+REORDER_WINDOW = 10_000
 
 
 @dataclass
@@ -60,6 +74,44 @@ def assign_shards(shards: list[str], epoch: int, seed: int, rank: int, size: int
     return [(order[rank % count], rank // count, sharing)]
 
 
+class DecodeDrops:
+    """Counts the samples of one stream that `ignore_errors` dropped, from the sequence numbers that
+    never come out of the decode map (numbered before it, seen after it, a batch at a time)."""
+
+    def __init__(self, stats: ReadStats, window: int = REORDER_WINDOW):
+        self.stats, self.window = stats, window
+        self.entered = 0             # samples read into the stream
+        self.next = 0                # every number below is accounted for
+        self.newest = -1
+        self.ahead: set[int] = set()  # seen, above `next`
+        self._lock = threading.Lock()
+
+    def enter(self, count: int) -> None:
+        with self._lock:
+            self.entered += count
+
+    def see(self, numbers: np.ndarray) -> int:
+        # A number below `next` was already counted as dropped: a decode stalled past the window.
+        self.ahead.update(n for n in numbers.tolist() if n >= self.next)
+        self.newest = max(self.newest, *numbers.tolist()) if len(numbers) else self.newest
+        while self.next in self.ahead or self.newest - self.next > self.window:
+            self._account(self.next)
+        return len(numbers)
+
+    def finish(self, entered: int) -> None:
+        """At the end of a finite stream of `entered` samples: all the missing ones were dropped."""
+        while self.next < entered:
+            self._account(self.next)
+
+    def _account(self, number: int) -> None:
+        if number in self.ahead:
+            self.ahead.remove(number)
+        else:
+            self.stats.skip("samples", "undecodable")
+            log.warning("an image failed to decode and was skipped")
+        self.next += 1
+
+
 class Dataset:
     """A finished dataset (its manifest) and the reader every pipeline of this process shares."""
 
@@ -68,7 +120,9 @@ class Dataset:
         fs, root = location.open()
         self.manifest = load_manifest(fs, root)
         self.config = config
-        self.source = ShardSource(location, stats)
+        expected = {shard["name"]: (shard["bytes"], shard["sha256"])
+                    for split in self.manifest["splits"].values() for shard in split["shards"]}
+        self.source = ShardSource(location, stats, expected=expected)
 
     @property
     def num_classes(self) -> int:
@@ -92,21 +146,47 @@ class Dataset:
     def _shard_names(self, split: str) -> list[str]:
         return [s["name"] for s in self._split(split)["shards"]]
 
-    def _stream(self, assignments: tf.data.Dataset, labelled: bool) -> tf.data.Dataset:
+    def _stream(self, assignments: tf.data.Dataset, labelled: bool, drops: DecodeDrops) -> tf.data.Dataset:
         """(jpeg, label) samples of the assigned shards, `interleave` shards at a time."""
         signature = (tf.TensorSpec([], tf.string), tf.TensorSpec([None], tf.int64),
                      tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int32))
 
+        def shard(name: bytes, part: int, parts: int) -> Iterator[tuple]:
+            samples = self.source.samples(name.decode(), int(part), int(parts), labelled)
+            drops.enter(len(samples[1]))
+            yield samples
+
         def read(name, part, parts):
-            shard = tf.data.Dataset.from_generator(
-                lambda n, p, k: iter([self.source.samples(n.decode(), int(p), int(k), labelled)]),
-                args=(name, part, parts), output_signature=signature)
-            return shard.map(lambda data, offsets, lengths, labels:
-                             (tf.strings.substr(data, offsets, lengths), labels)).unbatch()
+            samples = tf.data.Dataset.from_generator(shard, args=(name, part, parts), output_signature=signature)
+            return samples.map(lambda data, offsets, lengths, labels:
+                               (tf.strings.substr(data, offsets, lengths), labels)).unbatch()
 
         return assignments.interleave(read, cycle_length=self.config.interleave,
                                       num_parallel_calls=self.config.interleave,
                                       deterministic=self.config.deterministic)
+
+    def _decode(self, samples: tf.data.Dataset, transform: Callable, drops: DecodeDrops, drop_remainder: bool,
+                finite: bool) -> tf.data.Dataset:
+        """Decode + augment in a parallel map, drop and count the images that fail, batch. The stream
+        ends by raising the reader's fatal failure, if there was one."""
+        decoded = samples.enumerate().map(lambda number, sample: (*transform(sample), number),
+                                          num_parallel_calls=AUTOTUNE, deterministic=self.config.deterministic)
+
+        def count(images, labels, numbers):
+            seen = tf.py_function(lambda n: drops.see(n.numpy()), [numbers], tf.int64)
+            with tf.control_dependencies([seen]):
+                return tf.identity(images), labels
+
+        batches = decoded.ignore_errors().batch(self.config.batch_size, drop_remainder=drop_remainder).map(count)
+
+        def end() -> Iterator:
+            if finite:
+                drops.finish(drops.entered)
+            self.source.check()
+            yield from ()
+
+        ending = tf.data.Dataset.from_generator(end, output_signature=batches.element_spec)
+        return batches.concatenate(ending).prefetch(AUTOTUNE)
 
     def train(self, rank: int = 0, size: int = 1, start_epoch: int = 0) -> tf.data.Dataset:
         """Infinite stream of (images [batch, s, s, 3] float32, labels [batch] int32) for this rank."""
@@ -117,21 +197,21 @@ class Dataset:
 
         def epochs() -> Iterator[tuple[str, int, int]]:
             epoch = start_epoch
-            while True:
+            while not self.source.failure:
                 yield from assign_shards(names, epoch, seed, rank, size)
                 epoch += 1
 
         assignments = tf.data.Dataset.from_generator(
             epochs, output_signature=(tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int32),
                                       tf.TensorSpec([], tf.int32)))
-        samples = self._stream(assignments, labelled=True).shuffle(
+        drops = DecodeDrops(self.source.stats)
+        samples = self._stream(assignments, True, drops).shuffle(
             self.config.shuffle_buffer, seed=seed + rank, reshuffle_each_iteration=True)
         element_seeds = tf.data.Dataset.random(seed=seed * 1009 + rank).batch(2)
         size_, augment = self.config.image_size, self.config.augment
-        images = tf.data.Dataset.zip((samples, element_seeds)).map(
-            lambda sample, s: (train_image(sample[0], s, size_, augment), sample[1]),
-            num_parallel_calls=AUTOTUNE, deterministic=self.config.deterministic)
-        return images.batch(self.config.batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+        return self._decode(tf.data.Dataset.zip((samples, element_seeds)),
+                            lambda element: (train_image(element[0][0], element[1], size_, augment), element[0][1]),
+                            drops, drop_remainder=True, finite=False)
 
     def evaluate(self, split: str = "val", rank: int = 0, size: int = 1) -> tf.data.Dataset:
         """This rank's share of the split, once, in batches (the last one may be smaller)."""
@@ -140,8 +220,8 @@ class Dataset:
         names, parts, counts = (list(column) for column in zip(*mine)) if mine else ([], [], [])
         assignments = tf.data.Dataset.from_tensor_slices(
             (tf.constant(names, tf.string), tf.constant(parts, tf.int32), tf.constant(counts, tf.int32)))
+        drops = DecodeDrops(self.source.stats)
         size_, augment = self.config.image_size, self.config.augment
-        images = self._stream(assignments, labelled).map(
-            lambda jpeg, label: (eval_image(jpeg, size_, augment), label), num_parallel_calls=AUTOTUNE)
-        return images.batch(self.config.batch_size).prefetch(AUTOTUNE)
-
+        return self._decode(self._stream(assignments, labelled, drops),
+                            lambda sample: (eval_image(sample[0], size_, augment), sample[1]),
+                            drops, drop_remainder=False, finite=True)

@@ -128,7 +128,7 @@ class Trainer:
         started, waiting = time.perf_counter(), 0.0
         for _ in range(self.steps_per_epoch):
             asked = time.perf_counter()
-            images, labels = next(self.train_stream)
+            images, labels = self.next_batch()
             got = time.perf_counter()
             sums += self.train_step(images, labels)
             waiting += got - asked
@@ -139,6 +139,13 @@ class Trainer:
         images_seen = self.steps_per_epoch * self.config.batch_size
         loss, top1, top5 = (dist.average([sums])[0] / [self.steps_per_epoch, images_seen, images_seen]).numpy()
         return float(loss), float(top1), float(top5), images_seen / seconds, waiting / seconds
+
+    def next_batch(self) -> tuple[tf.Tensor, tf.Tensor]:
+        try:
+            return next(self.train_stream)
+        except tf.errors.OpError:
+            self.data.source.check()   # the reader's own error, not TensorFlow's wrapping of it
+            raise
 
     def sync_statistics(self) -> None:
         """Average the non-trained state (BatchNorm's moving statistics, updated from each rank's own
@@ -151,8 +158,12 @@ class Trainer:
     def evaluate(self, split: str = "val") -> tuple[float, float]:
         """Exact top-1, top-5 over the whole split: each rank counts its share, counts are summed."""
         counts = tf.zeros([3])
-        for images, labels in self.data.evaluate(split, self.workers.rank, self.workers.size):
-            counts += self.eval_step(images, labels)
+        try:
+            for images, labels in self.data.evaluate(split, self.workers.rank, self.workers.size):
+                counts += self.eval_step(images, labels)
+        except tf.errors.OpError:
+            self.data.source.check()
+            raise
         top1, top5, seen = dist.total([counts])[0].numpy()
         return float(top1 / max(seen, 1)), float(top5 / max(seen, 1))
 

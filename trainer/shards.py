@@ -1,11 +1,15 @@
-"""Reading one shard: fetch its bytes with retries, index its tar headers in Python, and return
-the samples as two vectors (JPEG bytes, labels), so tf.data crosses into Python once per shard.
+"""Reading one shard: fetch its bytes with retries, check them against the manifest, index the
+tar headers in Python, and return the samples as vectors (offsets, lengths, labels), so tf.data
+crosses into Python once per shard.
 
-A shard that cannot be read after the retries, or is not a valid tar, is skipped and counted,
-never silently: `ReadStats` holds the counts and the log names the shard.
+A shard that cannot be read after the retries, or whose size or sha256 differs from the manifest's,
+is skipped and counted, never silently: `ReadStats` holds the counts and the log names the shard.
+Reading never raises into tf.data (the pipeline drops undecodable images with `ignore_errors`,
+which would swallow it): a fatal failure is kept in `ShardSource.failure` and ends the stream.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import threading
@@ -28,7 +32,8 @@ MAX_CONSECUTIVE_SKIPS = 20
 
 
 class ShardError(Exception):
-    """A shard's bytes are not a readable WebDataset tar."""
+    """A shard's bytes are not a readable WebDataset tar, or not the ones the manifest names;
+    also the fatal "storage is gone" failure of a whole stream."""
 
 
 @dataclass
@@ -52,6 +57,7 @@ class ReadStats:
 
 
 Span = tuple[int, int]
+_NOTHING = (b"", np.zeros([0], np.int64), np.zeros([0], np.int64), np.zeros([0], np.int32))
 
 
 def parse_tar(data: bytes) -> dict[str, dict[str, Span]]:
@@ -107,18 +113,34 @@ class ShardSource:
     """Reads shards of one dataset; one per process (it holds the storage client)."""
 
     def __init__(self, location: Location, stats: ReadStats | None = None, retries: int = RETRIES,
-                 backoff: float = BACKOFF_SECONDS):
+                 backoff: float = BACKOFF_SECONDS, expected: dict[str, tuple[int, str]] | None = None):
         self.fs, self.root = location.open()
         self.stats = stats or ReadStats()
         self.retries = retries
         self.backoff = backoff
+        self.expected = expected or {}        # name -> (bytes, sha256) from the manifest
+        self.failure: Exception | None = None
         self._consecutive_skips = 0
 
     def samples(self, name: str, part: int = 0, parts: int = 1,
                 labelled: bool = True) -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray]:
         """The shard's bytes and, for its samples i with i % parts == part, the JPEG offsets and
         lengths in those bytes and the labels (int32; -1 when unlabelled). The JPEGs are cut out
-        by tf.strings.substr inside the graph: no Python object per sample. Empty when skipped."""
+        by tf.strings.substr inside the graph: no Python object per sample. Empty when skipped,
+        and after a fatal failure, which is kept in `failure` rather than raised."""
+        if self.failure:
+            return _NOTHING
+        try:
+            return self._samples(name, part, parts, labelled)
+        except ShardError as exc:
+            self.failure = exc
+        except Exception as exc:   # raised into tf.data, it would be dropped with the bad images
+            log.exception("shard %s: reading failed", name)
+            self.failure = exc
+        return _NOTHING
+
+    def _samples(self, name: str, part: int, parts: int,
+                 labelled: bool) -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray]:
         data, members = self._members(name)
         offsets, lengths, labels = [], [], []
         for index, (key, spans) in enumerate(sorted(members.items())):
@@ -141,12 +163,14 @@ class ShardSource:
         while True:
             try:
                 data = self.fs.cat_file(path)
+                self._check(name, data)
                 members = parse_tar(data)
             except FileNotFoundError:
                 return b"", self._skip(name, "missing", "not found")
             except (OSError, ShardError, ValueError) as exc:  # OSError: also timeouts, lost connections
                 if attempt == self.retries:
-                    return b"", self._skip(name, "unreadable", f"{type(exc).__name__}: {exc}")
+                    reason = "corrupt" if isinstance(exc, ShardError) else "unreadable"
+                    return b"", self._skip(name, reason, f"{type(exc).__name__}: {exc}")
                 # Jittered exponential backoff: many workers retrying at once must not align.
                 time.sleep(self.backoff * 2 ** attempt * (0.5 + random.random()))
                 attempt += 1
@@ -154,6 +178,16 @@ class ShardSource:
             self.stats.add(shard_bytes=len(data), shards=1)
             self._consecutive_skips = 0
             return data, members
+
+    def _check(self, name: str, data: bytes) -> None:
+        """Size and sha256 against the manifest: a damaged shard is caught here, not by the decoder."""
+        if name not in self.expected:
+            return
+        size, sha256 = self.expected[name]
+        if len(data) != size:
+            raise ShardError(f"{len(data)} bytes, the manifest says {size}")
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise ShardError("sha256 differs from the manifest's")
 
     def _skip(self, name: str, reason: str, detail: str) -> dict:
         self.stats.skip("shards", reason)
@@ -163,3 +197,8 @@ class ShardSource:
             raise ShardError(f"{self._consecutive_skips} shards in a row could not be read (last: {name}: "
                              f"{detail}); is the storage at {self.root} reachable?")
         return {}
+
+    def check(self) -> None:
+        """Raise the fatal failure, if reading had one."""
+        if self.failure:
+            raise self.failure

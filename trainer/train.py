@@ -25,6 +25,7 @@ from .config import OPTIMIZERS, PRESETS, TrainConfig, from_preset
 from .loop import Trainer
 from .metrics import TrainerMetrics
 from .models import MODELS, ModelConfig
+from .shards import ShardError
 
 log = logging.getLogger("trainer")
 
@@ -117,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         results = train(config, workers)
     except (IngestError, ValueError) as exc:   # a dataset that is missing, unfinished or too small
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except ShardError as exc:                   # the shards stopped being readable mid-run
+        print(f"error: reading the training data: {exc}", file=sys.stderr)
         return EXIT_INPUT
     if workers.is_chief:
         print(json.dumps(results))
