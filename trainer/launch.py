@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -50,12 +51,28 @@ def serve_rendezvous(plan: list, port: int) -> RendezvousHTTPServer:
     return server
 
 
+def wait_for_rendezvous(addr: str, port: int, timeout: float) -> None:
+    """Pods start in any order (scheduling, image pulls) and pod 0's DNS name exists only once it runs,
+    but Horovod's rendezvous client gives up after about 1.5 s: wait until the server answers."""
+    deadline = time.monotonic() + timeout
+    print(f"trainer.launch: waiting for the rendezvous server at {addr}:{port}", file=sys.stderr, flush=True)
+    while True:
+        try:
+            socket.create_connection((addr, port), timeout=5).close()
+            return
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                sys.exit(f"trainer.launch: rendezvous server {addr}:{port} not reachable after {timeout:.0f} s: {exc}")
+            time.sleep(1)
+
+
 def run_pod(index: int, pods: int, slots: int, template: str, rendezvous_addr: str, port: int, iface: str,
-            command: list[str]) -> int:
+            command: list[str], rendezvous_timeout: float = 600) -> int:
     """Start this pod's slot processes; the first failure stops the others (no rank may hang)."""
     plan = host_plan(pods, slots, template)
     hostname = template.format(index=index)
     server = serve_rendezvous(plan, port) if index == 0 else None
+    wait_for_rendezvous(rendezvous_addr, port, rendezvous_timeout)
     processes = [subprocess.Popen(command, env={**os.environ, **slot_environment(s, rendezvous_addr, port, iface)})
                  for s in plan if s.hostname == hostname]
     try:
@@ -102,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="pod i's DNS name with {index}, e.g. trainer-{index}.trainer (headless Service)")
     parser.add_argument("--rendezvous-addr", help="address of pod 0 (default: the template filled with 0)")
     parser.add_argument("--port", type=int, default=29500, help="rendezvous port served by pod 0 (default 29500)")
+    parser.add_argument("--rendezvous-timeout", type=float, default=600,
+                        help="seconds to wait for pod 0's rendezvous server to answer (default 600)")
     parser.add_argument("--iface", default="eth0", help="network interface Gloo and NCCL use (default eth0)")
     parser.add_argument("--local-pods", type=int, help="run this many pods as local processes (tests, demo)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the training command")
@@ -120,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.local_pods:
         return run_local(args.local_pods, args.slots, args.port, command)
     return run_pod(args.pod_index, args.pods, args.slots, args.host_template,
-                   args.rendezvous_addr or args.host_template.format(index=0), args.port, args.iface, command)
+                   args.rendezvous_addr or args.host_template.format(index=0), args.port, args.iface, command,
+                   args.rendezvous_timeout)
 
 
 if __name__ == "__main__":

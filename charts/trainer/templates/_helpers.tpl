@@ -1,0 +1,143 @@
+{{/* Chart name. */}}
+{{- define "trainer.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 50 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full name of the objects: the Job, its headless Service and so the pods' DNS names. 50 characters at most:
+a pod's host name is <job>-<index> and the ingest job's is <fullname>-ingest-<index>, 63 at most.
+*/}}
+{{- define "trainer.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 50 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 50 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 50 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "trainer.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "trainer.labels" -}}
+helm.sh/chart: {{ include "trainer.chart" . }}
+{{ include "trainer.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "trainer.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "trainer.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "trainer.ingestName" -}}
+{{- include "trainer.fullname" . }}-ingest
+{{- end }}
+
+{{- define "trainer.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "trainer.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "trainer.image" -}}
+{{- $tag := .Values.image.tag | default (printf "%s-%s" .Chart.AppVersion (ternary "gpu" "cpu" (gt (int .Values.gpusPerWorker) 0))) }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+
+{{/* Horovod processes per worker pod: one per GPU, or one CPU process. */}}
+{{- define "trainer.slots" -}}
+{{- max 1 (int .Values.gpusPerWorker) }}
+{{- end }}
+
+{{/* The pod index the Job controller sets as an annotation, so that $(JOB_COMPLETION_INDEX) expands in args. */}}
+{{- define "trainer.indexEnv" -}}
+- name: JOB_COMPLETION_INDEX
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.annotations['batch.kubernetes.io/job-completion-index']
+{{- end }}
+
+{{/* Object store access: credentials only by reference to an existing Secret. */}}
+{{- define "trainer.storageEnv" -}}
+{{- with .Values.s3.existingSecret }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.s3.accessKeyIdKey }}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.s3.secretAccessKeyKey }}
+{{- end }}
+{{- with .Values.s3.endpoint }}
+- name: AWS_ENDPOINT_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.s3.region }}
+- name: AWS_DEFAULT_REGION
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Pod-level settings shared by the trainer and the ingest pods. */}}
+{{- define "trainer.podSpecCommon" -}}
+serviceAccountName: {{ include "trainer.serviceAccountName" . }}
+automountServiceAccountToken: false
+restartPolicy: {{ .Values.restartPolicy }}
+{{- with .Values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- end }}
+
+{{/* Writable places: the root file system is read-only. */}}
+{{- define "trainer.volumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .Values.tmpSize }}
+- name: shm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .Values.shmSize }}
+{{- with .Values.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "trainer.volumeMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: shm
+  mountPath: /dev/shm
+{{- with .Values.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* prometheus.io annotations: the fallback for Prometheus set-ups without the operator. */}}
+{{- define "trainer.scrapeAnnotations" -}}
+{{- if and .Values.metrics.enabled .Values.metrics.annotations }}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ .Values.metrics.port | quote }}
+prometheus.io/path: /metrics
+{{- end }}
+{{- end }}

@@ -1,0 +1,380 @@
+"""charts/trainer, rendered by Helm's own Go code (helm-python-sdk): lint, schemas of every object, the
+properties the chart promises, and its rendered ingest and trainer commands run as local processes."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from bench.servers import S3_TEST_ENV, free_port
+
+from .conftest import REPO, run_cli
+
+CHART = REPO / "charts" / "trainer"
+SCENARIOS = sorted((CHART / "ci").glob("*-values.yaml"))
+CRDS = {("monitoring.coreos.com/v1", "PodMonitor"): "podmonitor-v1.yaml",
+        ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule-v1.yaml"}
+SECRET = "object-store"
+DASHBOARDS = REPO / "deploy" / "grafana" / "dashboards"
+RULES = REPO / "deploy" / "prometheus" / "rules.yml"
+
+helm.disable_logging()  # it logs every symbolic link it follows (files/ -> deploy/)
+
+
+def scenario(name: str) -> dict:
+    return yaml.safe_load((CHART / "ci" / f"{name}-values.yaml").read_text())
+
+
+def render(values: dict, chart: Path | str = CHART) -> tuple[list[dict], str]:
+    """The objects `helm install t <chart> -n ml` would create, and its NOTES."""
+    with helm.Chart.load(chart) as loaded:
+        rendered = loaded.render(values, name="t", namespace="ml")
+    notes = next(text for path, text in rendered.items() if path.endswith("NOTES.txt"))
+    objects = [doc for path, text in sorted(rendered.items()) if not path.endswith("NOTES.txt")
+               for doc in yaml.safe_load_all(text) if doc]
+    return objects, notes
+
+
+def find(objects: list[dict], kind: str, name: str) -> dict:
+    [found] = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    return found
+
+
+def pod_templates(objects: list[dict]) -> list[dict]:
+    return [o["spec"]["template"] for o in objects if o["kind"] == "Job"]
+
+
+def containers(pod: dict) -> list[dict]:
+    return pod["spec"].get("initContainers", []) + pod["spec"]["containers"]
+
+
+def strict(schema):
+    """Unknown fields are errors (kubectl --validate=strict), except where the CRD leaves an object open."""
+    if isinstance(schema, dict):
+        if schema.get("type") == "object" and "properties" in schema and "additionalProperties" not in schema:
+            schema["additionalProperties"] = False
+        for value in schema.values():
+            strict(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            strict(value)
+    return schema
+
+
+CRD_SCHEMAS = {key: strict(yaml.safe_load((REPO / "tests" / "crds" / name).read_text()))
+               for key, name in CRDS.items()}
+
+
+@pytest.mark.parametrize("values", SCENARIOS, ids=lambda p: p.name)
+def test_lint_passes_strictly(values):
+    report = helm.lint(CHART, yaml.safe_load(values.read_text()), strict=True)
+    assert report["errors"] == [] and [m for m in report["messages"] if m["severity"] >= 2] == [], report
+
+
+@pytest.mark.parametrize("values", SCENARIOS, ids=lambda p: p.name)
+def test_every_object_matches_its_schema(values):
+    objects, _ = render(yaml.safe_load(values.read_text()))
+    version = kubernetes_validate.utils.latest_version()
+    for obj in objects:
+        crd = CRD_SCHEMAS.get((obj["apiVersion"], obj["kind"]))
+        if crd is not None:
+            jsonschema.validate(obj, crd)
+        else:
+            kubernetes_validate.validate(obj, version, strict=True)
+    assert {o["kind"] for o in objects} >= {"Job", "ServiceAccount"}
+
+
+def test_schema_catches_mistakes_and_the_urls_are_required():
+    with helm.Chart.load(CHART) as chart:
+        good = scenario("default")
+        chart.validate_schema(good)
+        for bad in ({"workers": 0}, {"gpusPerWorker": "8"}, {"train": {"preset": "resnet-50"}},
+                    {"train": {"extraArgs": "--lr=0.1"}}, {"restartPolicy": "Always"}, {"wokers": 2},
+                    {"s3": {"secretAccessKey": "inline"}}):
+            with pytest.raises(helm.HelmValuesError):
+                chart.validate_schema({**good, **bad})
+        with pytest.raises(helm.HelmRenderError, match="data.url is required"):
+            chart.render({"output": {"url": "s3://runs/x"}}, name="t")
+        with pytest.raises(helm.HelmRenderError, match="ingest.input is required"):
+            chart.render({**good, "ingest": {"enabled": True}}, name="t")
+
+
+def test_schema_offers_exactly_the_trainers_presets_and_models():
+    from trainer.config import PRESETS
+    from trainer.models import MODELS
+
+    train = json.loads((CHART / "values.schema.json").read_text())["properties"]["train"]["properties"]
+    assert set(train["preset"]["enum"]) == {"", *PRESETS}
+    assert set(train["model"]["enum"]) == {"", *MODELS}
+
+
+def test_every_value_has_a_comment():
+    """Each value the schema names (not a parent map, not the inside of a free-form value) has a comment above."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    parents: list[tuple[int, dict | None]] = []  # (indent, schema of the map the line is in)
+    checked = 0
+    for number, line in enumerate(lines):
+        match = re.match(r"^( *)([\w.-]+):", line)
+        if not match:
+            continue
+        indent = len(match.group(1))
+        while parents and parents[-1][0] >= indent:
+            parents.pop()
+        container = parents[-1][1] if parents else schema
+        node = container["properties"][match.group(2)] if container and "properties" in container else None
+        parents.append((indent, node))
+        if node is None or "properties" in node:  # inside a free-form value, or a parent map
+            continue
+        checked += 1
+        assert lines[number - 1].lstrip().startswith("#"), f"values.yaml:{number + 1}: {line.strip()} has no comment"
+    assert checked >= 50
+
+
+def test_trainer_job_runs_n_indexed_gpu_pods_behind_a_headless_service():
+    values = scenario("4x8-gpus")
+    objects, _ = render(values)
+    job, service = find(objects, "Job", "t-trainer"), find(objects, "Service", "t-trainer")
+    spec, pod = job["spec"], job["spec"]["template"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == 4
+    assert spec["backoffLimit"] == 3 * 4 and pod["spec"]["restartPolicy"] == "Never"
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert pod["spec"]["subdomain"] == "t-trainer"
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert not any(set(o["spec"]["template"]["metadata"]["labels"].items()) >= set(service["spec"]["selector"].items())
+                   for o in objects if o["kind"] == "Job" and o is not job)
+
+    [container] = pod["spec"]["containers"]
+    assert container["command"] == ["python", "-m", "trainer.launch"]
+    args = container["args"]
+    separator = args.index("--")
+    assert args[:separator] == ["--pods=4", "--slots=8", "--pod-index=$(JOB_COMPLETION_INDEX)",
+                                "--host-template=t-trainer-{index}.t-trainer", "--port=29500",
+                                "--rendezvous-timeout=600", "--iface=eth0"]
+    assert args[separator + 1:] == ["python", "-m", "trainer.train", "--data=s3://datasets/imagenet",
+                                    "--output=s3://runs/resnet50", "--preset=resnet50-imagenet", "--epochs=90",
+                                    "--batch-size=64", "--metrics-port=9400", "--mixed-precision", "--lr=0.1"]
+    assert container["resources"] == {"requests": {"cpu": "48", "memory": "320Gi"},
+                                      "limits": {"memory": "400Gi", "nvidia.com/gpu": 8}}
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"rendezvous": 29500, **{f"metrics-{i}": 9400 + i for i in range(8)}}
+
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["shm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "64Gi"}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts["/dev/shm"] == "shm" and mounts["/tmp"] == "tmp" and "medium" not in volumes["tmp"]["emptyDir"]
+    for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName"):
+        assert pod["spec"][key] == values[key]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["NCCL_DEBUG"]["value"] == "WARN" and env["AWS_ENDPOINT_URL"]["value"] == values["s3"]["endpoint"]
+
+
+def test_cpu_workers_get_no_gpu_and_the_cpu_image():
+    objects, notes = render({**scenario("default"), "gpusPerWorker": 0})
+    [container] = find(objects, "Job", "t-trainer")["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "imagenet-k8s-trainer:0.1.0-cpu" and "--slots=1" in container["args"]
+    assert "resources" not in container and "2 pods x 1 CPU process(es) = 2 Horovod ranks" in notes
+    gpu, _ = render(scenario("default"))
+    assert find(gpu, "Job", "t-trainer")["spec"]["template"]["spec"]["containers"][0]["image"].endswith("-gpu")
+
+
+@pytest.mark.parametrize("values", SCENARIOS, ids=lambda p: p.name)
+def test_secure_by_default_and_secrets_only_by_reference(values):
+    values = yaml.safe_load(values.read_text())
+    objects, _ = render(values)
+    [account] = [o for o in objects if o["kind"] == "ServiceAccount"]
+    assert account["automountServiceAccountToken"] is False
+    assert not [o for o in objects if o["kind"] == "Secret"]
+    for pod in pod_templates(objects):
+        spec = pod["spec"]
+        assert spec["automountServiceAccountToken"] is False and spec["serviceAccountName"] == account["metadata"]["name"]
+        assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] != 0
+        for container in containers(pod):
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False and context["readOnlyRootFilesystem"] is True
+            assert context["capabilities"] == {"drop": ["ALL"]}
+            assert {"/tmp", "/dev/shm"} <= {m["mountPath"] for m in container["volumeMounts"]}
+            for var in container.get("env", []):
+                if re.search(r"KEY|SECRET|TOKEN|PASSWORD", var["name"]):
+                    assert "value" not in var, var
+            credentials = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container.get("env", [])
+                           if e["name"] in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+            expected = {name: {"name": SECRET, "key": name} for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+            assert credentials == (expected if values.get("s3", {}).get("existingSecret") else {})
+    for config_map in (o for o in objects if o["kind"] == "ConfigMap"):
+        assert not re.search(r"AWS_|secret_?access", json.dumps(config_map["data"]), re.IGNORECASE)
+
+
+def test_ingest_release_splits_the_plan_over_an_indexed_job_then_finalizes():
+    objects, notes = render(scenario("ingest"))
+    assert not [o for o in objects if o["kind"] in ("Service", "PodMonitor")]
+    job = find(objects, "Job", "t-trainer-ingest")
+    assert [o["metadata"]["name"] for o in objects if o["kind"] == "Job"] == ["t-trainer-ingest"]
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == 8
+    [container] = spec["template"]["spec"]["containers"]
+    assert container["args"] == ["--input=/raw/ilsvrc2012", "--output=s3://datasets/imagenet", "--num-workers=8",
+                                 "--worker-index=$(JOB_COMPLETION_INDEX)", "--processes=8", "--metrics-port=9400",
+                                 "--resize=320", "--shard-bytes=500M"]
+    assert container["command"][:2] == ["/bin/sh", "-c"] and '"$@" --finalize' in container["command"][2]
+    assert {"name": "raw", "mountPath": "/raw", "readOnly": True} in container["volumeMounts"]
+    assert "kubectl -n ml wait --for=condition=complete job/t-trainer-ingest" in notes
+
+
+def test_training_in_the_same_release_waits_for_the_ingests_manifest():
+    objects, notes = render(scenario("monitoring"))
+    pod = find(objects, "Job", "t-trainer")["spec"]["template"]
+    [wait] = pod["spec"]["initContainers"]
+    assert wait["command"][-1] == "s3://datasets/tiny-imagenet" and "manifest.json" in wait["command"][2]
+    assert "wait-for-data" in notes
+    alone, _ = render(scenario("default"))
+    assert "initContainers" not in find(alone, "Job", "t-trainer")["spec"]["template"]["spec"]
+
+
+def test_monitoring_objects_select_the_pods_and_carry_deploy_files():
+    objects, notes = render(scenario("monitoring"))
+    for name, component in (("t-trainer", "trainer"), ("t-trainer-ingest", "ingest")):
+        monitor = find(objects, "PodMonitor", name)
+        assert monitor["metadata"]["labels"]["release"] == "monitoring" and monitor["metadata"]["labels"]["team"] == "ml"
+        pod = find(objects, "Job", name)["spec"]["template"]
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+        assert pod["metadata"]["labels"]["app.kubernetes.io/component"] == component
+        declared = {p["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+        endpoints = monitor["spec"]["podMetricsEndpoints"]
+        assert {e["port"] for e in endpoints} <= declared
+        assert all(e["relabelings"] == [{"targetLabel": "job", "replacement": name}] for e in endpoints)
+    assert len(find(objects, "PodMonitor", "t-trainer")["spec"]["podMetricsEndpoints"]) == 2  # one per GPU
+
+    rule = find(objects, "PrometheusRule", "t-trainer")
+    assert rule["metadata"]["labels"]["release"] == "monitoring"
+    assert rule["spec"] == yaml.safe_load(RULES.read_text())
+    dashboards = find(objects, "ConfigMap", "t-trainer-dashboards")
+    assert dashboards["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboards["data"] == {p.name: p.read_text() for p in DASHBOARDS.glob("*.json")}
+    assert "job = t-trainer" in notes
+
+    annotations = find(objects, "Job", "t-trainer")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": "9400", "prometheus.io/path": "/metrics"}
+    quiet, _ = render({**scenario("default"), "metrics": {"annotations": False}})
+    assert "annotations" not in find(quiet, "Job", "t-trainer")["spec"]["template"]["metadata"]
+
+
+def test_packaged_chart_holds_the_deploy_dashboards_and_rules(tmp_path):
+    """files/ links to deploy/ (one source of truth); `helm package` stores the files themselves."""
+    assert (CHART / "files" / "dashboards").resolve() == DASHBOARDS and (CHART / "files" / "rules.yml").resolve() == RULES
+    archive = helm.package(CHART, destination=tmp_path)
+    objects, _ = render(scenario("monitoring"), chart=archive)
+    assert find(objects, "ConfigMap", "t-trainer-dashboards")["data"] == {
+        p.name: p.read_text() for p in DASHBOARDS.glob("*.json")}
+    assert find(objects, "PrometheusRule", "t-trainer")["spec"] == yaml.safe_load(RULES.read_text())
+
+
+def test_notes_tell_how_to_follow_the_run():
+    _, notes = render(scenario("default"))
+    assert "kubectl -n ml logs -f t-trainer-0 --all-containers" in notes
+    assert "port-forward" in notes and "localhost:9400/metrics" in notes
+    assert "s3://runs/model2/results.json" in notes
+
+
+# --- The rendered commands, run as local processes: the chart's command lines are the ones that work. ---
+
+def kubelet_env(container: dict, index: int, secrets: dict) -> dict[str, str]:
+    """The container's environment as the kubelet builds it, with this pod's completion index."""
+    annotations = {"batch.kubernetes.io/job-completion-index": str(index)}
+    env = {}
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        elif "secretKeyRef" in var["valueFrom"]:
+            ref = var["valueFrom"]["secretKeyRef"]
+            env[var["name"]] = secrets[ref["name"]][ref["key"]]
+        else:
+            path = var["valueFrom"]["fieldRef"]["fieldPath"]
+            env[var["name"]] = annotations[re.fullmatch(r"metadata\.annotations\['(.+)'\]", path).group(1)]
+    return env
+
+
+def start_pod(container: dict, index: int, secrets: dict, log: Path, rewrite=lambda argv: argv) -> subprocess.Popen:
+    """One pod's container as a local process: its command and args with $(VAR) expanded from its env.
+    The image's `python` is this virtualenv's; AWS settings come only from the chart, not from this process."""
+    env = kubelet_env(container, index, secrets)
+    argv = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in container["command"] + container.get("args", [])]
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    inherited["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    with log.open("w") as out:
+        return subprocess.Popen(rewrite(argv), env={**inherited, **env}, cwd=log.parent, stdout=out,
+                                stderr=subprocess.STDOUT)
+
+
+def finish(process: subprocess.Popen, log: Path) -> str:
+    process.wait(timeout=600)
+    text = log.read_text()
+    assert process.returncode == 0, text[-4000:]
+    return text
+
+
+def own_metrics_port(argv: list[str]) -> list[str]:
+    """On Kubernetes every pod has its own network namespace; on one machine each needs its own port."""
+    return [f"--metrics-port={free_port()}" if a.startswith("--metrics-port=") else a for a in argv]
+
+
+def test_rendered_jobs_ingest_then_train_on_local_processes(train_shards, s3_bucket, s3_endpoint, tmp_path):
+    import s3fs
+
+    values = {
+        "workers": 2, "gpusPerWorker": 0,
+        "data": {"url": f"s3://{s3_bucket}/shards"}, "output": {"url": f"s3://{s3_bucket}/run"},
+        "train": {"preset": "seed-model1-aug", "epochs": 5, "batchSize": 32, "extraArgs": ["--lr=0.002"]},
+        "s3": {"existingSecret": SECRET, "endpoint": s3_endpoint, "region": S3_TEST_ENV["AWS_DEFAULT_REGION"]},
+        "rendezvous": {"port": free_port()}, "networkInterface": "lo",
+        "ingest": {"enabled": True, "input": str(train_shards.parent / "tiny"), "workers": 2, "processes": 1,
+                   "extraArgs": ["--shard-size=100"]},
+    }
+    secrets = {SECRET: {k: S3_TEST_ENV[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}}
+    objects, _ = render(values)
+    fs = s3fs.S3FileSystem()
+
+    # Ingest pods one after the other: pod 0 cannot finalize yet and leaves it to pod 1, the last to finish.
+    [ingest] = find(objects, "Job", "t-trainer-ingest")["spec"]["template"]["spec"]["containers"]
+    first = finish(start_pod(ingest, 0, secrets, tmp_path / "ingest-0.log", own_metrics_port), tmp_path / "ingest-0.log")
+    assert "the last one to finish writes manifest.json" in first
+    assert not fs.exists(f"{s3_bucket}/shards/manifest.json")
+    finish(start_pod(ingest, 1, secrets, tmp_path / "ingest-1.log", own_metrics_port), tmp_path / "ingest-1.log")
+    assert fs.exists(f"{s3_bucket}/shards/manifest.json")
+    run_cli("ingest.verify", f"s3://{s3_bucket}/shards", check=True)
+
+    pod = find(objects, "Job", "t-trainer")["spec"]["template"]["spec"]
+    [wait] = pod["initContainers"]
+    finish(start_pod(wait, 0, secrets, tmp_path / "wait.log"), tmp_path / "wait.log")
+
+    # Pod names resolve only in the cluster: here pod 0, the rendezvous server, is 127.0.0.1.
+    def local(argv: list[str]) -> list[str]:
+        at = argv.index("--")
+        return own_metrics_port(argv[:at] + ["--rendezvous-addr=127.0.0.1"] + argv[at:])
+
+    [trainer] = pod["containers"]
+    logs = [tmp_path / f"trainer-{i}.log" for i in range(2)]
+    late = start_pod(trainer, 1, secrets, logs[1], local)  # pods start in any order: pod 1 waits for pod 0
+    deadline = time.monotonic() + 120
+    while "waiting for the rendezvous server" not in logs[1].read_text():
+        assert late.poll() is None and time.monotonic() < deadline, logs[1].read_text()[-3000:]
+        time.sleep(0.2)
+    first = start_pod(trainer, 0, secrets, logs[0], local)
+    finish(first, logs[0])
+    finish(late, logs[1])
+
+    results = json.loads(fs.cat_file(f"{s3_bucket}/run/results.json"))
+    assert results["workers"] == 2 and results["epochs_run"] == 5 and results["model"] == "model1"
+    # 10 classes: chance is 0.1 top-1 and 0.5 top-5.
+    assert results["val_top1"] > 0.25 and results["val_top5"] > 0.75
+    assert fs.exists(f"{s3_bucket}/run/model.keras")
