@@ -261,7 +261,7 @@ def test_monitoring_objects_select_the_pods_and_carry_deploy_files():
     dashboards = find(objects, "ConfigMap", "t-trainer-dashboards")
     assert dashboards["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert dashboards["data"] == {p.name: p.read_text() for p in DASHBOARDS.glob("*.json")}
-    assert "job = t-trainer" in notes
+    assert '"Trainer" with job = t-trainer, "Ingest" with job = t-trainer-ingest' in notes
 
     annotations = find(objects, "Job", "t-trainer")["spec"]["template"]["metadata"]["annotations"]
     assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": "9400", "prometheus.io/path": "/metrics"}
@@ -281,7 +281,7 @@ def test_packaged_chart_holds_the_deploy_dashboards_and_rules(tmp_path):
 
 def test_notes_tell_how_to_follow_the_run():
     _, notes = render(scenario("default"))
-    assert "kubectl -n ml logs -f t-trainer-0 --all-containers" in notes
+    assert "kubectl -n ml logs -f -l job-name=t-trainer,batch.kubernetes.io/job-completion-index=0" in notes
     assert "port-forward" in notes and "localhost:9400/metrics" in notes
     assert "s3://runs/model2/results.json" in notes
 
@@ -378,3 +378,15 @@ def test_rendered_jobs_ingest_then_train_on_local_processes(train_shards, s3_buc
     # 10 classes: chance is 0.1 top-1 and 0.5 top-5.
     assert results["val_top1"] > 0.25 and results["val_top5"] > 0.75
     assert fs.exists(f"{s3_bucket}/run/model.keras")
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cpu"])
+def test_images_run_as_the_charts_user_and_build_from_this_tree(dockerfile):
+    """No Docker engine here: what can be checked without building. The image's user is the chart's
+    runAsUser (runAsNonRoot checks it is not root) and every file it copies exists."""
+    text = (REPO / "deploy" / "docker" / dockerfile).read_text()
+    context = yaml.safe_load((CHART / "values.yaml").read_text())["podSecurityContext"]
+    assert re.findall(r"^USER (.+)$", text, re.M) == [f"{context['runAsUser']}:{context['runAsGroup']}"]
+    sources = [s for line in re.findall(r"^COPY (?!--)(.+) \S+$", text, re.M) for s in line.split()]
+    assert "deploy/horovod/build-wheel.sh" in sources and "trainer" in sources
+    assert all((REPO / s).exists() for s in sources), sources
