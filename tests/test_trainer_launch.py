@@ -47,3 +47,8 @@ def test_a_failing_rank_stops_the_job_fast():
     # Rank 1 exits 3; rank 0's allreduce then fails too (1): whichever the launcher sees first.
     assert result.returncode in (1, 3)
     assert time.monotonic() - started < 60
+
+
+def test_local_mode_refuses_more_pods_than_one_machine_should_run():
+    result = launch("--local-pods", "500", "--", sys.executable, "-c", "pass", timeout=60)
+    assert result.returncode == 2 and "--local-pods 500 must be in 1..16" in result.stderr

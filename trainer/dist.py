@@ -29,6 +29,15 @@ def init() -> Workers:
     return Workers(hvd.rank(), hvd.size(), hvd.local_rank())
 
 
+def collective_failure(error: BaseException) -> str | None:
+    """Why a Horovod collective failed (another worker died, or its connection broke: gloo's read
+    error or Horovod's shutdown notice), as one line; None for any other error."""
+    if not isinstance(error, tf.errors.OpError) or "Horovod" not in str(error):
+        return None
+    lines = [line.strip() for line in str(error).splitlines() if line.strip() and not line.strip().startswith("[[")]
+    return lines[-1][:300]
+
+
 def average(values: list[tf.Tensor]) -> list[tf.Tensor]:
     """Mean over all ranks (gradients, train metrics); a no-op alone."""
     return hvd.grouped_allreduce(values, op=hvd.Average) if hvd.size() > 1 else values

@@ -73,24 +73,29 @@ def run_pod(index: int, pods: int, slots: int, template: str, rendezvous_addr: s
     hostname = template.format(index=index)
     server = serve_rendezvous(plan, port) if index == 0 else None
     wait_for_rendezvous(rendezvous_addr, port, rendezvous_timeout)
+    mine = [s for s in plan if s.hostname == hostname]
     processes = [subprocess.Popen(command, env={**os.environ, **slot_environment(s, rendezvous_addr, port, iface)})
-                 for s in plan if s.hostname == hostname]
+                 for s in mine]
     try:
-        return _wait(processes)
+        return _wait(processes, [f"rank {s.rank}" for s in mine])
     finally:
         if server is not None:
             server.shutdown()
 
 
-def _wait(processes: list[subprocess.Popen]) -> int:
+def _wait(processes: list[subprocess.Popen], names: list[str]) -> int:
     """Exit code of the first process to fail (0 when all succeed); the rest are then stopped,
     also when this launcher is itself stopped (SIGTERM from Kubernetes or a parent launcher)."""
     try:
         while True:
             codes = [p.poll() for p in processes]
-            failed = [c for c in codes if c not in (None, 0)]
-            if failed or all(c == 0 for c in codes):
-                return failed[0] if failed else 0
+            failed = [(name, c) for name, c in zip(names, codes) if c not in (None, 0)]
+            if failed:
+                name, code = failed[0]
+                print(f"trainer.launch: {name} {_describe(code)}; stopping the others", file=sys.stderr, flush=True)
+                return code if code > 0 else 128 - code   # a shell's code for death by signal
+            if all(c == 0 for c in codes):
+                return 0
             time.sleep(POLL_SECONDS)
     finally:
         for process in processes:
@@ -100,13 +105,22 @@ def _wait(processes: list[subprocess.Popen]) -> int:
             process.wait()
 
 
+def _describe(code: int) -> str:
+    if code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
+MAX_LOCAL_PODS = 16   # local mode is for tests and demos on one machine
+
+
 def run_local(pods: int, slots: int, port: int, command: list[str]) -> int:
     """N pods as local process groups on 127.0.0.1: the same launcher, as tests and the demo run it."""
     launchers = [subprocess.Popen([sys.executable, "-m", "trainer.launch", "--pods", str(pods), "--slots", str(slots),
                                    "--pod-index", str(i), "--host-template", "pod-{index}", "--rendezvous-addr",
                                    "127.0.0.1", "--port", str(port), "--iface", "lo", "--", *command])
                  for i in range(pods)]
-    return _wait(launchers)
+    return _wait(launchers, [f"pod {i}" for i in range(pods)])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("give the command to run after --")
+    if args.local_pods is not None and not 1 <= args.local_pods <= MAX_LOCAL_PODS:
+        parser.error(f"--local-pods {args.local_pods} must be in 1..{MAX_LOCAL_PODS}: each is a process on this machine")
     if not 0 <= args.pod_index < args.pods and not args.local_pods:
         parser.error(f"pod index {args.pod_index} must be in 0..{args.pods - 1}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # Kubernetes stops pods with SIGTERM

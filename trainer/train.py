@@ -16,7 +16,7 @@ from importlib.metadata import version
 from tqdm import tqdm
 
 from ingest import cli
-from ingest.errors import EXIT_INPUT, IngestError
+from ingest.errors import EXIT_FAILED, EXIT_INPUT, IngestError
 from ingest.storage import Location, dump_json, write_atomic
 
 from . import checkpoint, dist, saved
@@ -122,6 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     except ShardError as exc:                   # the shards stopped being readable mid-run
         print(f"error: reading the training data: {exc}", file=sys.stderr)
         return EXIT_INPUT
+    except Exception as exc:
+        cause = dist.collective_failure(exc)
+        if cause is None:
+            raise
+        print(f"error: rank {workers.rank}: lost another worker (it failed, was killed, or its node or network went "
+              f"away: {cause}); rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return EXIT_FAILED
     if workers.is_chief:
         print(json.dumps(results))
     return 0

@@ -1,0 +1,88 @@
+"""Training faults: a worker killed mid-epoch fails the job fast with a clear message and the same
+command resumes; a checkpoint interrupted mid-write is never the one resumed from."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.servers import free_port
+
+from .conftest import REPO, run_cli
+
+# A bound on "fails fast": generous for a loaded 2-core machine, far below a hung allreduce (forever).
+NO_HANG_SECONDS = 180
+
+
+@pytest.fixture
+def shards(train_shards):
+    return train_shards
+
+
+def ranks_of(marker: str) -> dict[int, int]:
+    """pid of each training process whose command line contains `marker`, by Horovod rank."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:   # gone, or not ours
+            continue
+        if marker in cmdline and "trainer.train" in cmdline:
+            for entry in environ:
+                if entry.startswith(b"HOROVOD_RANK="):
+                    found[int(entry.split(b"=")[1])] = int(pid)
+    return found
+
+
+def test_a_worker_killed_mid_epoch_fails_the_job_fast_and_the_same_command_resumes(shards, tmp_path):
+    out = tmp_path / "out"
+    train = [sys.executable, "-m", "trainer.train", "--data", str(shards), "--output", str(out),
+             "--preset", "seed-model1", "--batch-size", "16", "--epochs", "4"]
+
+    def launch() -> list[str]:
+        return [sys.executable, "-m", "trainer.launch", "--local-pods", "2", "--port", str(free_port()), "--", *train]
+
+    job = subprocess.Popen(launch(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not (out / "checkpoints" / "latest.json").exists():   # epoch 0 is committed
+            assert job.poll() is None, job.communicate()[1][-3000:]
+            time.sleep(0.2)
+        os.kill(ranks_of(str(out))[1], signal.SIGKILL)
+        _, stderr = job.communicate(timeout=NO_HANG_SECONDS)
+    finally:
+        job.kill()
+    assert job.returncode != 0
+    assert "rank 1 was killed by SIGKILL; stopping the others" in stderr
+    assert "error: rank 0: lost another worker" in stderr and "Traceback" not in stderr
+    assert not (out / "results.json").exists()
+    killed_at = json.loads((out / "checkpoints" / "latest.json").read_text())["next_epoch"]
+
+    rerun = subprocess.run(launch(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["start_epoch"] == killed_at >= 1 and results["epochs_run"] == 4
+
+
+@pytest.mark.parametrize("mode", ["torn", "unnamed"])
+def test_a_checkpoint_interrupted_mid_write_is_never_resumed_from(shards, tmp_path, mode):
+    out = tmp_path / "out"
+    args = ["--data", str(shards), "--output", str(out), "--preset", "seed-model1", "--batch-size", "64"]
+    killed = subprocess.run([sys.executable, "tests/distributed/interrupt_checkpoint.py", mode, "1", *args,
+                             "--epochs", "3"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert (out / "checkpoints" / "epoch-0001.npz").exists()       # written (in part), never named
+    assert json.loads((out / "checkpoints" / "latest.json").read_text())["state"] == "checkpoints/epoch-0000.npz"
+
+    resumed = run_cli("trainer.train", *args, "--epochs", "3")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["start_epoch"] == 1 and results["epochs_run"] == 3
+    latest = json.loads((out / "checkpoints" / "latest.json").read_text())
+    assert [h["epoch"] for h in latest["history"]] == [0, 1, 2]
