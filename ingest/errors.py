@@ -6,7 +6,7 @@ the CLI prints its message on one line and exits with its code, never a tracebac
 from __future__ import annotations
 
 EXIT_OK = 0
-EXIT_FAILED = 1         # a worker process died, or an internal error; rerunning resumes
+EXIT_FAILED = 1         # a worker process died, storage kept failing, or an internal error; rerunning resumes
 EXIT_USAGE = 2          # bad command line (argparse's own code)
 EXIT_INPUT = 3          # input missing, unrecognised or inconsistent
 EXIT_OUTPUT = 4         # output location missing, unwritable, or holding a different dataset
@@ -15,7 +15,7 @@ EXIT_INTERRUPTED = 130  # Ctrl-C; rerunning the same command resumes
 
 EXIT_CODES = {
     EXIT_OK: "success",
-    EXIT_FAILED: "a worker process died (or an internal error); rerun to resume",
+    EXIT_FAILED: "a worker process died or storage kept failing after retries (or an internal error); rerun to resume",
     EXIT_USAGE: "bad command line",
     EXIT_INPUT: "input missing, unrecognised or inconsistent",
     EXIT_OUTPUT: "output location missing, unwritable or holding a different dataset",
@@ -40,3 +40,10 @@ class OutputError(IngestError):
 
 class IncompleteError(IngestError):
     exit_code = EXIT_INCOMPLETE
+
+
+class StorageError(IngestError):
+    """Storage still failing once the storage library's own retries are used up (or an I/O
+    error such as a full disk): nothing committed is lost, and rerunning resumes."""
+
+    exit_code = EXIT_FAILED

@@ -5,13 +5,15 @@ the input and can run in any pod once every worker has committed its shards.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 from collections import Counter
 
 import fsspec
 
 from .errors import IncompleteError, InputError
-from .storage import display, dump_json, read_json, write_atomic
+from .storage import display, dump_json, read_json, storage_call, write_atomic
 from .writer import INDEX_DIR, load_committed, read_plan
 
 log = logging.getLogger(__name__)
@@ -64,7 +66,7 @@ def finalize(fs: fsspec.AbstractFileSystem, root: str) -> dict:
     manifest = build_manifest(plan, entries)
     path = f"{root}/{MANIFEST}"
     blob = dump_json(manifest)
-    if fs.isfile(path) and fs.cat_file(path) == blob:
+    if _read_or_none(fs, path) == blob:
         log.info("manifest %s already up to date", display(fs, path))
     else:
         write_atomic(fs, path, blob)
@@ -72,19 +74,74 @@ def finalize(fs: fsspec.AbstractFileSystem, root: str) -> dict:
     return manifest
 
 
+def _read_or_none(fs: fsspec.AbstractFileSystem, path: str) -> bytes | None:
+    with storage_call(fs, path, "read"):
+        try:
+            return fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+
+
 def _remove_leftovers(fs: fsspec.AbstractFileSystem, root: str) -> None:
     """Temporary files of writes that a crash interrupted; harmless, but they waste space."""
     for directory in (root, f"{root}/{INDEX_DIR}"):
-        for path in fs.ls(directory, detail=False):
-            if ".tmp-" in path.rsplit("/", 1)[-1]:
-                fs.rm_file(path)
+        with storage_call(fs, directory, "clean up"):
+            for path in fs.ls(directory, detail=False):
+                if ".tmp-" in path.rsplit("/", 1)[-1]:
+                    with contextlib.suppress(FileNotFoundError):  # an overlapping finalize got it first
+                        fs.rm_file(path)
 
 
 def load_manifest(fs: fsspec.AbstractFileSystem, root: str) -> dict:
+    """The manifest, checked for the structure and internal consistency readers rely on."""
     path = f"{root}/{MANIFEST}"
-    if not fs.isfile(path):
-        raise InputError(f"{display(fs, path)}: missing (not a finished dataset; run ingest.shard)")
-    manifest = read_json(fs, path)
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+    try:
+        manifest = read_json(fs, path, invalid=InputError)
+    except FileNotFoundError:
+        raise InputError(f"{display(fs, path)}: missing (not a finished dataset; run ingest.shard)") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
+            or manifest.get("format_version") != FORMAT_VERSION:
         raise InputError(f"{display(fs, path)}: not a {FORMAT} v{FORMAT_VERSION} manifest")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise InputError(f"{display(fs, path)}: {problem}")
     return manifest
+
+
+# A shard name is a plain file name in the dataset folder: never a path that leads elsewhere.
+_SHARD_NAME = re.compile(r"^[^/\\.][^/\\]*\.tar$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _manifest_problem(manifest: dict) -> str | None:
+    """What makes a manifest unusable or self-contradictory, or None."""
+    classes, splits = manifest.get("classes"), manifest.get("splits")
+    if not isinstance(classes, list) or not isinstance(splits, dict):
+        return "malformed (classes must be a list and splits an object)"
+    seen: set[str] = set()
+    for split, info in splits.items():
+        shards = info.get("shards") if isinstance(info, dict) else None
+        if not isinstance(shards, list) or not isinstance(info.get("samples"), int):
+            return f"split {split}: malformed (needs samples and a list of shards)"
+        for shard in shards:
+            problem = _shard_problem(shard, seen)
+            if problem:
+                return f"split {split}: {problem}"
+    return None
+
+
+def _shard_problem(shard: object, seen: set[str]) -> str | None:
+    if not isinstance(shard, dict) or not isinstance(shard.get("name"), str):
+        return "a shard entry without a name"
+    name = shard["name"]
+    if not _SHARD_NAME.match(name):
+        return f"shard name {name!r} is not a plain .tar file name"
+    if name in seen:
+        return f"shard {name} listed twice"
+    seen.add(name)
+    counts = [shard.get(k) for k in ("samples", "bytes")]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts):
+        return f"shard {name}: samples and bytes must be counts"
+    if not isinstance(shard.get("sha256"), str) or not _SHA256.match(shard["sha256"]):
+        return f"shard {name}: sha256 is not a hex digest"
+    return None

@@ -11,7 +11,6 @@ import hashlib
 import io
 import sys
 import tarfile
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
@@ -19,7 +18,7 @@ from tqdm import tqdm
 from . import cli
 from .errors import EXIT_CODES, EXIT_INCOMPLETE, EXIT_OK
 from .manifest import load_manifest
-from .storage import Location, parse_storage_options
+from .storage import Location, failure_reason, is_storage_failure, parse_storage_options
 
 CHUNK = 8 << 20
 
@@ -27,23 +26,32 @@ CHUNK = 8 << 20
 def check_shard(fs, root: str, shard: dict, labelled: bool, num_classes: int) -> list[str]:
     """The problems of one shard, each a line naming it; empty when it matches the manifest.
     The object is streamed once (hash and tar parse together), so memory stays flat."""
-    name, path = shard["name"], f"{root}/{shard['name']}"
+    name = shard["name"]
     try:
-        size = fs.size(path)
+        return _check_shard(fs, f"{root}/{name}", shard, labelled, num_classes)
     except FileNotFoundError:
         return [f"{name}: missing"]
+    except Exception as exc:
+        if not is_storage_failure(exc):
+            raise
+        return [f"{name}: cannot be read ({failure_reason(exc)})"]
+
+
+def _check_shard(fs, path: str, shard: dict, labelled: bool, num_classes: int) -> list[str]:
+    name = shard["name"]
+    size = fs.size(path)
     if size != shard["bytes"]:
         return [f"{name}: size {size} bytes, manifest says {shard['bytes']}"]
     with fs.open(path, "rb") as handle:
         stream = _HashingReader(handle)
-        members, tar_error = _read_members(stream)
+        members = _read_members(stream)
         while stream.read(CHUNK):
             pass
     digest = stream.sha256.hexdigest()
     if digest != shard["sha256"]:
         return [f"{name}: sha256 {digest[:12]}..., manifest says {shard['sha256'][:12]}..."]
-    if tar_error:
-        return [f"{name}: not a readable tar ({tar_error})"]
+    if members.tar_error:
+        return [f"{name}: not a readable tar ({members.tar_error})"]
     return _check_samples(name, members, shard["samples"], labelled, num_classes)
 
 
@@ -63,21 +71,32 @@ class _HashingReader(io.RawIOBase):
         return data
 
 
-def _read_members(stream) -> tuple[dict[str, dict[str, bytes]], str | None]:
-    """key -> {extension: payload (.cls only; others b"")}, and the tar error if any."""
-    members: dict[str, dict[str, bytes]] = defaultdict(dict)
+class _Members(dict):
+    """key -> {extension: payload (.cls only; others b"")} of one shard, and what was odd."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.twice: set[str] = set()      # member names seen twice: readers would take either
+        self.tar_error: str | None = None
+
+
+def _read_members(stream) -> _Members:
+    members = _Members()
     try:
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
                 key, _, ext = member.name.partition(".")
-                members[key][ext] = tar.extractfile(member).read() if ext == "cls" else b""
+                parts = members.setdefault(key, {})
+                if ext in parts:
+                    members.twice.add(member.name)
+                parts[ext] = tar.extractfile(member).read() if ext == "cls" else b""
     except tarfile.TarError as exc:
-        return members, str(exc)
-    return members, None
+        members.tar_error = str(exc)
+    return members
 
 
-def _check_samples(name: str, members: dict, expected: int, labelled: bool, num_classes: int) -> list[str]:
-    problems = []
+def _check_samples(name: str, members: _Members, expected: int, labelled: bool, num_classes: int) -> list[str]:
+    problems = [f"{name}: member {member} appears twice" for member in sorted(members.twice)]
     if len(members) != expected:
         problems.append(f"{name}: {len(members)} samples, manifest says {expected}")
     for key, parts in members.items():
@@ -95,13 +114,23 @@ def _valid_label(raw: bytes | None, num_classes: int) -> bool:
         return False
 
 
+def _split_totals(manifest: dict) -> list[str]:
+    """A split's sample count (what readers size an epoch by) must be the sum over its shards."""
+    problems = []
+    for split, info in manifest["splits"].items():
+        total = sum(shard["samples"] for shard in info["shards"])
+        if info["samples"] != total:
+            problems.append(f"split {split}: manifest says {info['samples']} samples, its shards list {total}")
+    return problems
+
+
 def verify(location: Location, threads: int = 8) -> tuple[int, list[str]]:
     """(shards checked, problem lines)."""
     fs, root = location.open()
     manifest = load_manifest(fs, root)
     num_classes = len(manifest["classes"])
     jobs = [(shard, info["labelled"]) for info in manifest["splits"].values() for shard in info["shards"]]
-    problems: list[str] = []
+    problems = _split_totals(manifest)
     with ThreadPoolExecutor(threads) as pool, tqdm(total=len(jobs), unit="shard", desc="verify",
                                                    disable=None) as bar:
         futures = [pool.submit(check_shard, fs, root, shard, labelled, num_classes) for shard, labelled in jobs]

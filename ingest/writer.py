@@ -10,15 +10,18 @@ import hashlib
 import json
 import logging
 import os
+import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 
 import fsspec
 
+from .errors import InputError
 from .images import Normalized, RejectedImage, normalize
 from .plan import ShardPlan
 from .sources import Sample
-from .storage import Location, display, is_local, read_json, write_atomic, write_json
+from .storage import Location, display, is_local, read_json, storage_call, write_atomic, write_json
 from .tarball import TarBuilder
 
 log = logging.getLogger(__name__)
@@ -44,11 +47,14 @@ class InputReader:
         self._local = is_local(self.fs)
 
     def read(self, sample: Sample) -> bytes:
+        """The sample's bytes. A missing file is the sample's problem (OSError); storage that
+        refuses or keeps failing once its retries are used up stops the run (IngestError)."""
         if self._local:
             return _read_local(sample)
-        if sample.start is None:
-            return self.fs.cat_file(sample.path)
-        return self.fs.cat_file(sample.path, sample.start, sample.start + sample.size)
+        with storage_call(self.fs, sample.path, "read", refused=InputError):
+            if sample.start is None:
+                return self.fs.cat_file(sample.path)
+            return self.fs.cat_file(sample.path, sample.start, sample.start + sample.size)
 
 
 def _read_local(sample: Sample) -> bytes:
@@ -101,10 +107,14 @@ def build_shard(shard: ShardPlan, reader: InputReader, settings: ImageSettings) 
     return tar.getvalue(), entry
 
 
+# A damaged member of an input zip fails its own read only (bad CRC, bad deflate stream).
+_UNREADABLE = (OSError, zipfile.BadZipFile, zlib.error, EOFError)
+
+
 def _read(reader: InputReader, sample: Sample) -> bytes:
     try:
         return reader.read(sample)
-    except OSError as exc:
+    except _UNREADABLE as exc:
         raise RejectedImage("unreadable", f"{type(exc).__name__}: {exc}") from None
 
 
@@ -143,11 +153,14 @@ def load_committed(fs: fsspec.AbstractFileSystem, root: str, plan_id: str) -> di
     index = f"{root}/{INDEX_DIR}"
     for directory in (root, index):  # other processes and pods write here; listings must be fresh
         fs.invalidate_cache(directory)
-    sizes = {info["name"].rsplit("/", 1)[-1]: info["size"] for info in fs.ls(root, detail=True)
-             if info["type"] == "file" and info["name"].endswith(".tar")}
-    names = [p for p in fs.ls(index, detail=False) if p.endswith(".tar.json")] if fs.isdir(index) else []
+    with storage_call(fs, root, "list"):
+        sizes = {info["name"].rsplit("/", 1)[-1]: info["size"] for info in fs.ls(root, detail=True)
+                 if info["type"] == "file" and info["name"].endswith(".tar")}
+        names = [p for p in fs.ls(index, detail=False) if p.endswith(".tar.json")] if fs.isdir(index) else []
+    with storage_call(fs, index, "read"):
+        blobs = fs.cat(names) if names else {}
     committed = {}
-    for path, blob in fs.cat(names).items() if names else ():
+    for path, blob in blobs.items():
         try:
             entry = json.loads(blob)
         except ValueError:
@@ -159,8 +172,12 @@ def load_committed(fs: fsspec.AbstractFileSystem, root: str, plan_id: str) -> di
 
 
 def read_plan(fs: fsspec.AbstractFileSystem, root: str) -> dict | None:
-    path = f"{root}/{PLAN_FILE}"
-    return read_json(fs, path) if fs.isfile(path) else None
+    # Read, not isfile() first: fsspec's isfile() answers False on any error, and taking an
+    # unreachable plan for a missing one would let a differently planned run overwrite it.
+    try:
+        return read_json(fs, f"{root}/{PLAN_FILE}")
+    except FileNotFoundError:
+        return None
 
 
 class ShardWorker:
