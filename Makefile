@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   := demo-data
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench audit clean
 
 setup: $(VENV)/.installed
 
@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml deploy/horovod/build-wheel.sh
 	touch $@
 
 test: setup
-	$(BIN)/ruff check ingest bench tests
+	$(BIN)/ruff check ingest trainer bench deploy tests
 	$(BIN)/python -m pytest
 
 # End to end on this machine: synthesise a small TinyImageNet-layout set (with real-data quirks),
@@ -38,6 +38,10 @@ demo: setup
 
 bench: setup
 	$(BIN)/python -m bench.ingest
+
+# Known vulnerabilities of every installed distribution (needs pypi.org); accepted ones: deploy/audit/accepted.txt.
+audit: setup
+	$(BIN)/python deploy/audit/pypi_advisories.py --accept deploy/audit/accepted.txt
 
 clean:
 	rm -rf $(DEMO) bench-data
