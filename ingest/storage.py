@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import uuid
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,17 +99,25 @@ def resolve_input(path: str, options: dict[str, Any] | None = None) -> Location:
             raise InputError(f"input path {path} does not exist")
         path = os.path.abspath(path)
         if os.path.isfile(path) and path.lower().endswith(".zip"):
-            return Location(f"zip://::{path}")
+            return _zip_location(Location(f"zip://::{path}"), path)
         return Location(path)
     location = Location(path, options)
     fs, root = location.open()
     with storage_call(fs, root, "read", refused=InputError):
-        exists = fs.exists(root)
-    if not exists:
-        raise InputError(f"input path {path} does not exist")
-    if fs.isfile(root) and root.lower().endswith(".zip"):
-        # fsspec URL chaining; the storage options belong to the filesystem under the zip.
-        return Location(f"zip://::{path}", {_protocols(fs)[0]: options})
+        if not fs.exists(root):
+            raise InputError(f"input path {path} does not exist")
+        if fs.isfile(root) and root.lower().endswith(".zip"):
+            # fsspec URL chaining; the storage options belong to the filesystem under the zip.
+            return _zip_location(Location(f"zip://::{path}", {_protocols(fs)[0]: options}), path)
+    return location
+
+
+def _zip_location(location: Location, path: str) -> Location:
+    """The zip, proven readable here, at the boundary (fsspec keeps the opened instance)."""
+    try:
+        location.open()
+    except zipfile.BadZipFile as exc:
+        raise InputError(f"{path}: not a readable zip ({exc}); an incomplete download?") from None
     return location
 
 

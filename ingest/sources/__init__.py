@@ -4,7 +4,7 @@ from __future__ import annotations
 import fsspec
 
 from ..errors import InputError
-from ..storage import Location, display
+from ..storage import Location, display, storage_call
 from . import imagefolder, imagenet, imagenet_kaggle, tinyimagenet
 from .base import ClassInfo, Problem, Sample, Scan, SourceType, StarMap, serial_starmap
 
@@ -37,11 +37,12 @@ def scan_input(location: Location, source: str, splits: tuple[str, ...],
                starmap: StarMap = serial_starmap) -> Scan:
     """List the input: its classes and the samples of the requested splits."""
     fs, root = location.open()
-    kind, found = detect(fs, root, source)
-    unknown = [s for s in splits if kind.splits is not None and s not in kind.splits]
-    if unknown:
-        raise InputError(f"{kind.name} has no split {', '.join(unknown)} (it has: {', '.join(kind.splits)})")
-    try:
-        return kind.scan(fs, found, splits, starmap)
-    except FileNotFoundError as exc:
-        raise InputError(f"{exc.filename or exc}: missing ({kind.name} layout)") from None
+    with storage_call(fs, root, "list", refused=InputError):
+        kind, found = detect(fs, root, source)
+        unknown = [s for s in splits if kind.splits is not None and s not in kind.splits]
+        if unknown:
+            raise InputError(f"{kind.name} has no split {', '.join(unknown)} (it has: {', '.join(kind.splits)})")
+        try:
+            return kind.scan(fs, found, splits, starmap)
+        except FileNotFoundError as exc:
+            raise InputError(f"{exc.filename or exc}: missing ({kind.name} layout)") from None

@@ -51,6 +51,18 @@ class ClassInfo:
     name: str
 
 
+# Why a listed input entry is not stored; the manifest lists these beside the rejected images.
+LISTING_REASONS = (
+    "missing_file",   # an annotation names a file that is not there
+    "no_label",       # an image without annotation
+    "duplicate_key",  # a key already taken by another sample of the split
+    "unsafe_path",    # a tar member named with an absolute path or '..'; a link leading outside the input
+    "not_a_file",     # a tar member that is a link or device; a broken symbolic link
+    "bad_name",       # a file or member name that is not valid UTF-8
+    "unreadable",     # an archive inside the input that is not a readable tar
+)
+
+
 @dataclass(frozen=True)
 class Problem:
     """An input sample that cannot be stored, found while listing (counted, never fatal)."""
@@ -59,6 +71,10 @@ class Problem:
     source: str
     reason: str
     detail: str
+
+    def __post_init__(self) -> None:
+        if self.reason not in LISTING_REASONS:
+            raise ValueError(f"unknown listing problem {self.reason!r}; expected one of {LISTING_REASONS}")
 
 
 @dataclass
@@ -121,25 +137,80 @@ def parse_boxes(fields: list[str]) -> tuple[Box, ...]:
     return tuple(boxes)
 
 
-def list_files(fs: fsspec.AbstractFileSystem, directory: str) -> dict[str, int]:
-    """Regular files directly in `directory` (hidden ones skipped) -> size in bytes."""
+def is_text(name: str) -> bool:
+    """False for a name with bytes that are not UTF-8 (Python holds them as lone surrogates)."""
+    if name.isascii():
+        return True
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(name: str) -> str:
+    """The name with its undecodable bytes written as \\xNN: text that JSON and logs can hold."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+class Listing(NamedTuple):
+    files: dict[str, int]                  # path -> size in bytes: the files to store
+    refused: list[tuple[str, str, str]]    # (path, reason, detail): entries not taken, and why
+
+
+def list_files(fs: fsspec.AbstractFileSystem, directory: str, root: str) -> Listing:
+    """Regular files directly in `directory` (hidden ones skipped), of the dataset at `root`."""
     if not fs.isdir(directory):
         raise InputError(f"{directory}: directory missing")
     if is_local(fs):
-        return _list_local_files(directory)
+        return _list_local_files(directory, root)
     out = {}
     for info in fs.ls(directory, detail=True):
         name = info["name"].rstrip("/")
         if info["type"] == "file" and not name.rsplit("/", 1)[-1].startswith("."):
             out[name] = int(info["size"])
-    return out
+    return Listing(out, [])
 
 
-def _list_local_files(directory: str) -> dict[str, int]:
-    """os.scandir: a third of fsspec's per-entry cost, which adds up over 1.28 M ImageNet files."""
+def _list_local_files(directory: str, root: str) -> Listing:
+    """os.scandir: a third of fsspec's per-entry cost, which adds up over 1.28 M ImageNet files.
+    Symbolic links are followed to files inside the dataset folder `root`; links leading outside
+    it (whose bytes would end up in the shards), broken links and non-UTF-8 names are refused."""
+    inside = os.path.realpath(root)
+    linked_folder = not _within(os.path.realpath(directory), inside)
+    files, refused = {}, []
     with os.scandir(directory) as entries:
-        return {entry.path: entry.stat().st_size for entry in entries
-                if entry.is_file() and not entry.name.startswith(".")}
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            why = _refusal(entry, inside, linked_folder)
+            if why:
+                refused.append((entry.path, *why))
+            elif entry.is_file():
+                files[entry.path] = entry.stat().st_size
+    return Listing(files, refused)
+
+
+def _refusal(entry: os.DirEntry, inside: str, linked_folder: bool) -> tuple[str, str] | None:
+    if not is_text(entry.name):
+        return ("bad_name", "file name is not valid UTF-8") if entry.is_file() else None
+    if not (linked_folder or entry.is_symlink()):   # the common case costs no system call
+        return None
+    target = os.path.realpath(entry.path)
+    if not os.path.exists(target):
+        return "not_a_file", "broken symbolic link (dangling, or a loop)"
+    if not _within(target, inside) and os.path.isfile(target):
+        return "unsafe_path", "a symbolic link leads outside the dataset folder"
+    return None
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def refused_problems(split: str, listing: Listing, root: str) -> list[Problem]:
+    return [Problem(split, printable(relative(path, root)), reason, detail)
+            for path, reason, detail in listing.refused]
 
 
 def list_dirs(fs: fsspec.AbstractFileSystem, directory: str) -> list[str]:

@@ -11,8 +11,8 @@ from collections import Counter
 import fsspec
 
 from ..errors import InputError
-from .base import (Sample, Scan, SourceType, StarMap, class_table, join, key_from_name, list_dirs, list_files, relative,
-                   safe_key, serial_starmap)
+from .base import (Problem, Sample, Scan, SourceType, StarMap, class_table, is_text, join, key_from_name, list_dirs,
+                   list_files, printable, refused_problems, relative, safe_key, serial_starmap)
 
 
 # Detection wants a split folder with one of these names, so that an arbitrary tree of
@@ -25,7 +25,8 @@ def find_root(fs: fsspec.AbstractFileSystem, root: str) -> str | None:
     if fs.isfile(root):
         return None
     for split in list_dirs(fs, root):
-        if split.rsplit("/", 1)[-1] in COMMON_SPLITS and any(list_files(fs, c) for c in list_dirs(fs, split)):
+        if split.rsplit("/", 1)[-1] in COMMON_SPLITS and any(list_files(fs, c, root).files
+                                                              for c in list_dirs(fs, split)):
             return root
     return None
 
@@ -38,17 +39,22 @@ def scan(fs: fsspec.AbstractFileSystem, root: str, splits: tuple[str, ...],
         raise InputError(f"{root}: no split folder {', '.join(missing)} (found: {', '.join(available) or 'none'})")
     folders = {s: list_dirs(fs, join(root, s)) for s in splits}
     wnids = [f.rsplit("/", 1)[-1] for per_split in folders.values() for f in per_split]
+    for wnid in wnids:
+        if not is_text(wnid):  # the folder name is the class name, stored as text everywhere
+            raise InputError(f"{root}: class folder {printable(wnid)} is not named in UTF-8; rename it")
     classes, index = class_table(wnids, {})
     result = Scan("imagefolder", classes, {})
     for split, split_folders in folders.items():
-        result.splits[split] = _split(fs, root, split_folders, index, starmap)
+        result.splits[split] = _split(fs, root, split, split_folders, index, starmap, result.problems)
     return result
 
 
-def _split(fs, root: str, folders: list[str], index: dict[str, int], starmap: StarMap) -> list[Sample]:
-    listings = starmap(list_files, [(fs, f) for f in folders])
+def _split(fs, root: str, split: str, folders: list[str], index: dict[str, int], starmap: StarMap,
+           problems: list[Problem]) -> list[Sample]:
+    listings = starmap(list_files, [(fs, f, root) for f in folders])
+    problems += [p for listing in listings for p in refused_problems(split, listing, root)]
     files = [(f.rsplit("/", 1)[-1], path, size) for f, listing in zip(folders, listings)
-             for path, size in listing.items()]
+             for path, size in listing.files.items()]
     stems = Counter(key_from_name(path) for _, path, size in files)
     prefix = any(count > 1 for count in stems.values())
     return [

@@ -8,6 +8,9 @@
 Nothing is extracted: tar members are stored uncompressed, so every image is a byte range of
 the 140 GB train tar, found by walking headers (seeking over data) and read later in place.
 ILSVRC2012_IDs are not in sorted-wnid order; labels always go through the wnid.
+Members that are links, devices, named with an absolute path or '..', or not named in UTF-8
+are never used; each is listed as a problem. A class archive that is not a readable tar keeps
+the images before the damage and lists the rest as one problem.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ import tarfile
 import fsspec
 
 from ..errors import InputError
-from .base import Problem, Sample, Scan, SourceType, StarMap, class_table, join, key_from_name, serial_starmap
+from .base import (Problem, Sample, Scan, SourceType, StarMap, class_table, is_text, join, key_from_name, printable,
+                   serial_starmap)
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -54,8 +58,12 @@ def _read_members(blob: bytes, suffixes: tuple[str, ...]) -> dict[str, bytes]:
     with tarfile.open(fileobj=io.BytesIO(blob), mode="r:*") as archive:
         for member in archive:
             for suffix in suffixes:
-                if member.isfile() and member.name.endswith(suffix):
-                    found[suffix] = archive.extractfile(member).read()
+                if not member.name.endswith(suffix):
+                    continue
+                problem = _member_problem(member)
+                if problem:   # the class table must come from exactly the file the devkit ships
+                    raise tarfile.TarError(f"member {printable(member.name)}: {problem[1]}")
+                found[suffix] = archive.extractfile(member).read()
     missing = [s for s in suffixes if s not in found]
     if missing:
         raise tarfile.TarError(f"missing {', '.join(missing)}")
@@ -80,15 +88,15 @@ def scan(fs: fsspec.AbstractFileSystem, root: str, splits: tuple[str, ...],
     """The tar walk is one sequential pass over headers, so `starmap` is not used."""
     devkit_path = join(root, DEVKIT)
     devkit = Devkit(fs, devkit_path) if fs.isfile(devkit_path) else None
-    train = _list_train(fs, join(root, TRAIN_TAR)) if "train" in splits else None
+    result = Scan("imagenet", [], {})
+    train = _list_train(fs, join(root, TRAIN_TAR), result.problems) if "train" in splits else None
     if devkit is not None:
         wnids, names = list(devkit.id_to_wnid.values()), devkit.names
     elif train is not None:
         wnids, names = sorted(train), {}
     else:
         raise InputError(f"{devkit_path}: missing (the val labels come from it)")
-    classes, index = class_table(wnids, names)
-    result = Scan("imagenet", classes, {})
+    result.classes, index = class_table(wnids, names)
     if train is not None:
         result.splits["train"] = _label_train(train, index, join(root, TRAIN_TAR))
     if "val" in splits:
@@ -103,22 +111,65 @@ def _require(fs, path: str) -> None:
         raise InputError(f"{path}: missing")
 
 
-def _regular_members(archive: tarfile.TarFile):
-    """Regular files only: links and directories in a tar are never followed."""
-    return (m for m in archive if m.isfile())
+def _member_problem(member: tarfile.TarInfo) -> tuple[str, str] | None:
+    """(reason, detail) when a tar member must not be used, None for a regular file."""
+    name = member.name
+    if not is_text(name):
+        return "bad_name", "member name is not valid UTF-8"
+    if name.startswith("/") or ".." in name.split("/"):
+        return "unsafe_path", "member name is an absolute path or has '..'"
+    if not member.isfile():
+        return "not_a_file", "tar member is a link or device, which is never followed"
+    return None
 
 
-def _list_train(fs, path: str) -> dict[str, list[tuple[str, int, int]]]:
-    """wnid -> [(member name, absolute offset, size)] for every image in the tar of tars."""
+def _members(archive: tarfile.TarFile, split: str, prefix: str, problems: list[Problem]):
+    """The regular file members of a tar; the others are listed as problems (directories aside)."""
+    for member in archive:
+        problem = None if member.isdir() else _member_problem(member)
+        if problem:
+            problems.append(Problem(split, f"{prefix}/{printable(member.name)}", *problem))
+        elif not member.isdir():
+            yield member
+
+
+def _open_tar(fs, path: str):
     _require(fs, path)
+    handle = fs.open(path, "rb")
+    try:
+        return handle, tarfile.open(fileobj=handle, mode="r:")
+    except tarfile.TarError as exc:
+        handle.close()
+        raise InputError(f"{path}: not a readable tar ({exc}); an incomplete download?") from None
+
+
+def _list_train(fs, path: str, problems: list[Problem]) -> dict[str, list[tuple[str, int, int]]]:
+    """wnid -> [(member name, absolute offset, size)] for every image in the tar of tars."""
+    handle, outer = _open_tar(fs, path)
     per_class: dict[str, list[tuple[str, int, int]]] = {}
-    with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r:") as outer:
-        for member in _regular_members(outer):
-            wnid = member.name.rsplit("/", 1)[-1].removesuffix(".tar")
-            with tarfile.open(fileobj=outer.extractfile(member), mode="r:") as inner:
-                per_class[wnid] = [(m.name, member.offset_data + m.offset_data, m.size)
-                                   for m in _regular_members(inner)]
+    with handle, outer:
+        try:
+            for member in _members(outer, "train", TRAIN_TAR, problems):
+                wnid = member.name.rsplit("/", 1)[-1].removesuffix(".tar")
+                per_class[wnid] = _list_class(outer, member, problems)
+        except tarfile.TarError as exc:   # an incomplete download: better redone than half used
+            raise InputError(f"{path}: not a readable tar ({exc}); an incomplete download?") from None
     return per_class
+
+
+def _list_class(outer: tarfile.TarFile, member: tarfile.TarInfo, problems: list[Problem]) -> list[tuple[str, int, int]]:
+    prefix = f"{TRAIN_TAR}/{printable(member.name)}"
+    images: list[tuple[str, int, int]] = []
+    try:
+        with tarfile.open(fileobj=outer.extractfile(member), mode="r:") as inner:
+            for m in _members(inner, "train", prefix, problems):
+                if m.offset_data + m.size > member.size:
+                    raise tarfile.ReadError(f"member {m.name} runs past the end")
+                images.append((m.name, member.offset_data + m.offset_data, m.size))
+    except tarfile.TarError as exc:
+        problems.append(Problem("train", prefix, "unreadable",
+                                f"not a readable tar after {len(images)} images ({exc}); the rest is skipped"))
+    return images
 
 
 def _label_train(train: dict, index: dict[str, int], path: str) -> list[Sample]:
@@ -133,23 +184,44 @@ def _label_train(train: dict, index: dict[str, int], path: str) -> list[Sample]:
 
 
 def _list_val(fs, path: str, devkit: Devkit, index: dict[str, int], problems: list[Problem]) -> list[Sample]:
-    _require(fs, path)
-    samples = []
-    with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r:") as archive:
-        for member in _regular_members(archive):
-            key = key_from_name(member.name)
-            source = f"{VAL_TAR}/{member.name}"
-            number = _NUMBER.search(key)
-            position = int(number.group(1)) - 1 if number else -1
-            if not 0 <= position < len(devkit.val_ids):
-                problems.append(Problem("val", source, "no_label", "no line in the devkit ground truth"))
-                continue
-            wnid = devkit.id_to_wnid.get(devkit.val_ids[position])
-            if wnid is None:
-                raise InputError(f"{devkit.path}: ground truth line {position + 1} names ILSVRC2012_ID "
-                                 f"{devkit.val_ids[position]}, which is not a class in data/meta.mat")
-            samples.append(Sample(key, index[wnid], source, member.size, path, start=member.offset_data))
+    handle, archive = _open_tar(fs, path)
+    samples, listed_before = [], len(problems)
+    with handle, archive:
+        try:
+            for member in _members(archive, "val", VAL_TAR, problems):
+                sample = _val_sample(member, path, devkit, index, problems)
+                if sample is not None:
+                    samples.append(sample)
+        except tarfile.TarError as exc:
+            raise InputError(f"{path}: not a readable tar ({exc}); an incomplete download?") from None
+    # A member listed as a problem above is not missing as well.
+    found = {_position(key_from_name(s)) for s in [*(s.source for s in samples),
+                                                   *(p.source for p in problems[listed_before:])]}
+    for position in sorted(set(range(len(devkit.val_ids))) - found):
+        problems.append(Problem("val", f"{VAL_TAR}/ILSVRC2012_val_{position + 1:08d}.JPEG", "missing_file",
+                                f"line {position + 1} of the devkit ground truth; not in the val tar"))
     return samples
+
+
+def _position(key: str) -> int:
+    """ILSVRC2012_val_00000001 -> 0: the line of the devkit ground truth; -1 without a number."""
+    number = _NUMBER.search(key)
+    return int(number.group(1)) - 1 if number else -1
+
+
+def _val_sample(member: tarfile.TarInfo, path: str, devkit: Devkit, index: dict[str, int],
+                problems: list[Problem]) -> Sample | None:
+    key = key_from_name(member.name)
+    source = f"{VAL_TAR}/{member.name}"
+    position = _position(key)
+    if not 0 <= position < len(devkit.val_ids):
+        problems.append(Problem("val", source, "no_label", "no line in the devkit ground truth"))
+        return None
+    wnid = devkit.id_to_wnid.get(devkit.val_ids[position])
+    if wnid is None:
+        raise InputError(f"{devkit.path}: ground truth line {position + 1} names ILSVRC2012_ID "
+                         f"{devkit.val_ids[position]}, which is not a class in data/meta.mat")
+    return Sample(key, index[wnid], source, member.size, path, start=member.offset_data)
 
 
 SOURCE = SourceType(

@@ -16,7 +16,7 @@ import fsspec
 
 from ..errors import InputError
 from .base import (Problem, Sample, Scan, SourceType, StarMap, class_table, join, key_from_name,
-                   list_dirs, list_files, parse_boxes, read_text, relative, serial_starmap,
+                   list_dirs, list_files, parse_boxes, read_text, refused_problems, relative, serial_starmap,
                    text_lines)
 
 DATA = "ILSVRC/Data/CLS-LOC"
@@ -43,7 +43,7 @@ def scan(fs: fsspec.AbstractFileSystem, root: str, splits: tuple[str, ...],
     result = Scan("imagenet-kaggle", classes, {})
     for split in splits:
         if split == "train":
-            result.splits[split] = _train(fs, root, index, starmap)
+            result.splits[split] = _train(fs, root, index, starmap, result.problems)
         else:
             result.splits[split] = {"val": _val, "test": _test}[split](fs, root, index, result.problems)
     return result
@@ -67,7 +67,7 @@ def _solutions(fs, path: str, index: dict[str, int]) -> dict[str, tuple[int, tup
     return out
 
 
-def _train(fs, root: str, index: dict[str, int], starmap: StarMap) -> list[Sample]:
+def _train(fs, root: str, index: dict[str, int], starmap: StarMap, problems: list[Problem]) -> list[Sample]:
     solution = join(root, "LOC_train_solution.csv")
     boxes = _solutions(fs, solution, index) if fs.isfile(solution) else {}
     tasks = []
@@ -76,13 +76,17 @@ def _train(fs, root: str, index: dict[str, int], starmap: StarMap) -> list[Sampl
         if wnid not in index:
             raise InputError(f"{directory}: class folder {wnid} is not in {MAPPING}")
         tasks.append((fs, root, directory, index[wnid]))
-    samples = [s for per_class in starmap(_train_class, tasks) for s in per_class]
+    per_class = starmap(_train_class, tasks)
+    problems += [problem for _, refused in per_class for problem in refused]
+    samples = [s for per_class_samples, _ in per_class for s in per_class_samples]
     return [s._replace(boxes=boxes[s.key][1]) if s.key in boxes else s for s in samples]
 
 
-def _train_class(fs, root: str, directory: str, label: int) -> list[Sample]:
-    return [Sample(key_from_name(path), label, relative(path, root), size, path)
-            for path, size in list_files(fs, directory).items()]
+def _train_class(fs, root: str, directory: str, label: int) -> tuple[list[Sample], list[Problem]]:
+    listing = list_files(fs, directory, root)
+    samples = [Sample(key_from_name(path), label, relative(path, root), size, path)
+               for path, size in listing.files.items()]
+    return samples, refused_problems("train", listing, root)
 
 
 def _val(fs, root: str, index: dict[str, int], problems: list[Problem]) -> list[Sample]:
@@ -90,8 +94,11 @@ def _val(fs, root: str, index: dict[str, int], problems: list[Problem]) -> list[
     if not fs.isfile(solution):
         raise InputError(f"{solution}: missing (it holds the val labels)")
     labels = _solutions(fs, solution, index)
-    samples, seen = [], set()
-    for path, size in list_files(fs, join(root, DATA, "val")).items():
+    listing = list_files(fs, join(root, DATA, "val"), root)
+    problems += refused_problems("val", listing, root)
+    # Files refused while listing are reported once, under that reason, not as missing too.
+    samples, seen = [], {key_from_name(path) for path, _, _ in listing.refused}
+    for path, size in listing.files.items():
         key = key_from_name(path)
         if key not in labels:
             problems.append(Problem("val", relative(path, root), "no_label", "not in LOC_val_solution.csv"))
@@ -105,8 +112,10 @@ def _val(fs, root: str, index: dict[str, int], problems: list[Problem]) -> list[
 
 
 def _test(fs, root: str, index: dict[str, int], problems: list[Problem]) -> list[Sample]:
-    files = list_files(fs, join(root, DATA, "test"))
-    return [Sample(key_from_name(path), None, relative(path, root), size, path) for path, size in files.items()]
+    listing = list_files(fs, join(root, DATA, "test"), root)
+    problems += refused_problems("test", listing, root)
+    return [Sample(key_from_name(path), None, relative(path, root), size, path)
+            for path, size in listing.files.items()]
 
 
 SOURCE = SourceType(

@@ -12,7 +12,7 @@ import fsspec
 
 from ..errors import InputError
 from .base import (Problem, Sample, Scan, SourceType, StarMap, class_table, join, key_from_name,
-                   list_dirs, list_files, parse_boxes, relative, serial_starmap, text_lines)
+                   list_dirs, list_files, parse_boxes, refused_problems, relative, serial_starmap, text_lines)
 
 SPLITS = ("train", "val", "test")
 
@@ -47,23 +47,25 @@ def scan(fs: fsspec.AbstractFileSystem, root: str, splits: tuple[str, ...],
     for split in splits:
         if split == "train":
             per_class = starmap(_train_class, [(fs, root, wnid, label) for wnid, label in index.items()])
-            result.splits[split] = [sample for samples in per_class for sample in samples]
+            result.splits[split] = [sample for samples, _ in per_class for sample in samples]
+            result.problems += [problem for _, problems in per_class for problem in problems]
         else:
             result.splits[split] = {"val": _val, "test": _test}[split](fs, root, index, result.problems)
     return result
 
 
-def _train_class(fs, root: str, wnid: str, label: int) -> list[Sample]:
+def _train_class(fs, root: str, wnid: str, label: int) -> tuple[list[Sample], list[Problem]]:
     images = join(root, "train", wnid, "images")
     if not fs.isdir(images):
         raise InputError(f"{images}: missing (wnids.txt lists {wnid})")
     boxes = _boxes(fs, join(root, "train", wnid, f"{wnid}_boxes.txt"))
+    listing = list_files(fs, images, root)
     samples = []
-    for path, size in list_files(fs, images).items():
+    for path, size in listing.files.items():
         name = path.rsplit("/", 1)[-1]
         samples.append(Sample(key_from_name(name), label, relative(path, root), size, path,
                               boxes=boxes.get(name, ())))
-    return samples
+    return samples, refused_problems("train", listing, root)
 
 
 def _boxes(fs, path: str) -> dict[str, tuple]:
@@ -80,8 +82,11 @@ def _val(fs, root: str, index: dict[str, int], problems: list[Problem]) -> list[
     annotations = join(root, "val", "val_annotations.txt")
     if not fs.isfile(annotations):
         raise InputError(f"{annotations}: missing (it holds the val labels)")
-    files = list_files(fs, join(root, "val", "images"))
-    by_name = {path.rsplit("/", 1)[-1]: (path, size) for path, size in files.items()}
+    listing = list_files(fs, join(root, "val", "images"), root)
+    problems += refused_problems("val", listing, root)
+    by_name = {path.rsplit("/", 1)[-1]: (path, size) for path, size in listing.files.items()}
+    # Files refused while listing are reported once, under that reason, not as missing too.
+    refused = {path.rsplit("/", 1)[-1] for path, _, _ in listing.refused}
     samples, labelled = [], set()
     for number, line in enumerate(text_lines(fs, annotations), 1):
         fields = line.split("\t")
@@ -90,6 +95,8 @@ def _val(fs, root: str, index: dict[str, int], problems: list[Problem]) -> list[
         name, wnid = fields[0].strip(), fields[1].strip()
         if wnid not in index:
             raise InputError(f"{annotations}: line {number}: wnid {wnid} is not in wnids.txt")
+        if name in refused:
+            continue
         if name not in by_name:
             problems.append(Problem("val", f"val/images/{name}", "missing_file",
                                     f"listed in {relative(annotations, root)} line {number}"))
@@ -104,8 +111,10 @@ def _val(fs, root: str, index: dict[str, int], problems: list[Problem]) -> list[
 
 
 def _test(fs, root: str, index: dict[str, int], problems: list[Problem]) -> list[Sample]:
-    files = list_files(fs, join(root, "test", "images"))
-    return [Sample(key_from_name(path), None, relative(path, root), size, path) for path, size in files.items()]
+    listing = list_files(fs, join(root, "test", "images"), root)
+    problems += refused_problems("test", listing, root)
+    return [Sample(key_from_name(path), None, relative(path, root), size, path)
+            for path, size in listing.files.items()]
 
 
 SOURCE = SourceType(
