@@ -32,8 +32,9 @@ Faults (`FAULTS`):
                          for killing the client at that moment
 
 Counters: `requests` (requests seen), `injected` (a Counter by fault) and `log` (one
-`(method, path, fault or None)` per request, in arrival order); `wait_for(fault, n)` blocks
-until n such faults fired. `set_rules(rules)` replaces the rules (and their counts) at any time.
+`(method, path, fault or None)` per request, in arrival order) on the proxy, `seen` (matching
+requests) and `fired` (faults injected) on each rule; `wait_for(fault, n)` blocks until n such
+faults fired. `set_rules(rules)` replaces the rules at any time (new Rule objects count afresh).
 Only for tests and benchmarks: it listens on 127.0.0.1 and buffers whole bodies in memory.
 """
 from __future__ import annotations
@@ -147,7 +148,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"   # keep-alive, as S3 clients use it
     server: FaultProxy
 
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
+    def log_message(self, format: str, *args) -> None:
         pass  # quiet: tests read the proxy's counters instead
 
     def _serve(self) -> None:

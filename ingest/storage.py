@@ -185,8 +185,8 @@ def storage_call(fs: fsspec.AbstractFileSystem, path: str, action: str,
         log.debug("%s %s failed", action, where, exc_info=True)
         if isinstance(exc, PermissionError):
             raise refused(f"{where}: {action} refused, permission denied ({failure_reason(exc)})") from None
-        raise StorageError(f"{where}: {action} failed after retries ({failure_reason(exc)}); "
-                           "rerun to resume") from None
+        retried = "" if is_local(fs) else " after retries"
+        raise StorageError(f"{where}: {action} failed{retried} ({failure_reason(exc)}); rerun to resume") from None
 
 
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:

@@ -100,6 +100,28 @@ def s3_url(bucket: str, path: str) -> str:
 # --------------------------------------------------------------------------- storage faults
 
 
+def test_the_fault_proxy_follows_its_rules_deterministically(s3_endpoint):
+    import urllib.error
+    import urllib.request
+
+    def statuses(seed: int, rules: list[Rule]) -> list[int]:
+        with fault_proxy(s3_endpoint, rules, seed=seed) as proxy:
+            answers = []
+            for _ in range(12):
+                try:
+                    answers.append(urllib.request.urlopen(f"{proxy.url}/moto-api/", timeout=10).status)
+                except urllib.error.HTTPError as exc:
+                    answers.append(exc.code)
+            assert proxy.requests == 12 and proxy.injected["slow_down"] == answers.count(503)
+        return answers
+
+    assert statuses(0, [Rule("slow_down", "GET", "moto-api", skip=2, count=3)]) == [200] * 2 + [503] * 3 + [200] * 7
+    assert statuses(0, [Rule("slow_down", "PUT", "moto-api", count=None)]) == [200] * 12
+    first = statuses(1, [Rule("slow_down", path="moto-api", count=None, probability=0.5)])
+    assert 0 < first.count(503) < 12
+    assert statuses(1, [Rule("slow_down", path="moto-api", count=None, probability=0.5)]) == first
+
+
 @pytest.fixture
 def s3_input(tiny, s3_bucket):
     """The tiny input uploaded to the bucket, so that reading it goes through S3 too."""
