@@ -195,8 +195,8 @@ def _list_val(fs, path: str, devkit: Devkit, index: dict[str, int], problems: li
         except tarfile.TarError as exc:
             raise InputError(f"{path}: not a readable tar ({exc}); an incomplete download?") from None
     # A member listed as a problem above is not missing as well.
-    found = {_position(key_from_name(s)) for s in [*(s.source for s in samples),
-                                                   *(p.source for p in problems[listed_before:])]}
+    sources = [s.source for s in samples] + [p.source for p in problems[listed_before:]]
+    found = {_position(key_from_name(source)) for source in sources}
     for position in sorted(set(range(len(devkit.val_ids))) - found):
         problems.append(Problem("val", f"{VAL_TAR}/ILSVRC2012_val_{position + 1:08d}.JPEG", "missing_file",
                                 f"line {position + 1} of the devkit ground truth; not in the val tar"))
