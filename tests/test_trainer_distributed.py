@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.servers import S3_TEST_ENV
+
 from .conftest import REPO, run_cli
 
 HOROVODRUN = Path(sys.executable).parent / "horovodrun"
@@ -216,9 +218,14 @@ def test_outputs_and_resume_through_s3(shards, s3_bucket):
     url = f"s3://{s3_bucket}/run"
     args = ["--data", shards, "--output", url, "--preset", "seed-model1-aug", "--batch-size", "64"]
     assert run_cli("trainer.train", *args, "--epochs", "1").returncode == 0
-    resumed = run_cli("trainer.train", *args, "--epochs", "2")
+    resumed = run_cli("trainer.train", *args, "--epochs", "2", "--log-level", "DEBUG")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     fs, root = fsspec.core.url_to_fs(url)
+    # The credentials came from the environment; they are never logged nor written anywhere.
+    written = [fs.cat_file(path).decode() for path in fs.find(root) if path.endswith(".json")]
+    assert len(written) == 4   # config, results, classes, checkpoints/latest
+    for text in (resumed.stdout, resumed.stderr, *written):
+        assert S3_TEST_ENV["AWS_SECRET_ACCESS_KEY"] not in text
     results = json.loads(fs.cat_file(f"{root}/results.json"))
     assert results["start_epoch"] == 1 and results["epochs_run"] == 2
     assert fs.isfile(f"{root}/model.keras") and fs.isfile(f"{root}/checkpoints/latest.json")
