@@ -116,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("trainer").setLevel(args.log_level if workers.is_chief else "WARNING")
     try:
         results = train(config, workers)
-    except (IngestError, ValueError) as exc:   # a dataset that is missing, unfinished or too small
+    except IngestError as exc:   # a dataset missing or unfinished; storage refusing or failing after retries
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except ValueError as exc:    # a setting that does not fit the dataset (e.g. fewer samples than a batch)
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INPUT
     except ShardError as exc:                   # the shards stopped being readable mid-run
