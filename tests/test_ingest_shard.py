@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -298,21 +299,33 @@ def test_verify_checks_labels_and_tar_structure_behind_a_matching_hash(tiny, tmp
     assert f"{second['name']}: not a readable tar" in result.stdout
 
 
+def pool_workers(parent: int) -> list[int]:
+    """The multiprocessing (spawn) children of a process."""
+    found = []
+    for pid in subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split():
+        try:
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(int(pid))
+        except OSError:   # exited meanwhile
+            continue
+    return found
+
+
 def test_a_killed_worker_process_fails_the_run_fast(tmp_path):
     source = tmp_path / "tiny"
-    synth.generate(str(source), classes=10, train_per_class=100, val_per_class=2, size=32)
+    synth.generate(str(source), classes=10, train_per_class=300, val_per_class=2, size=32)
     out = tmp_path / "out"
     process = subprocess.Popen([sys.executable, "-m", "ingest.shard", "--input", str(source), "--output", str(out),
                                 "--shard-size", "2", "--processes", "2"], cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while not ((out / "_index").is_dir() and len(os.listdir(out / "_index")) >= 4):
-        assert time.monotonic() < deadline and process.poll() is None
+    workers: list[int] = []
+    while not workers:   # kill a pool worker once shards are being committed
+        assert time.monotonic() < deadline and process.poll() is None, "the run ended before a worker was found"
         time.sleep(0.002)
-    workers = [pid for pid in subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
-                                             text=True).stdout.split()
-               if b"spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read()]
-    os.kill(int(workers[0]), signal.SIGKILL)
+        if (out / "_index").is_dir() and len(os.listdir(out / "_index")) >= 4:
+            workers = pool_workers(process.pid)
+    os.kill(workers[0], signal.SIGKILL)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 1 and "a worker process died" in stderr and "Traceback" not in stderr
     assert not (out / "manifest.json").exists()
