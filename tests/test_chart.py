@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from bench.servers import S3_TEST_ENV, free_port
+from bench.servers import S3_TEST_ENV, free_port, local_server
 
 from .conftest import REPO, run_cli
 
@@ -91,7 +92,7 @@ def test_every_object_matches_its_schema(values):
             jsonschema.validate(obj, crd)
         else:
             kubernetes_validate.validate(obj, version, strict=True)
-    assert {o["kind"] for o in objects} >= {"Job", "ServiceAccount"}
+    assert {o["kind"] for o in objects} >= {"Job", "ServiceAccount", "NetworkPolicy"}
 
 
 def test_schema_catches_mistakes_and_the_urls_are_required():
@@ -100,7 +101,10 @@ def test_schema_catches_mistakes_and_the_urls_are_required():
         chart.validate_schema(good)
         for bad in ({"workers": 0}, {"gpusPerWorker": "8"}, {"train": {"preset": "resnet-50"}},
                     {"train": {"extraArgs": "--lr=0.1"}}, {"restartPolicy": "Always"}, {"wokers": 2},
-                    {"s3": {"secretAccessKey": "inline"}}):
+                    {"s3": {"secretAccessKey": "inline"}}, {"networkPolicy": {"enabled": "yes"}},
+                    {"networkPolicy": {"metricsFrom": {"namespaceSelector": {}}}},
+                    {"networkPolicy": {"metricsFrom": [{"namespaceSelectors": {}}]}},
+                    {"networkPolicy": {"metricsFrom": [{}]}}):
             with pytest.raises(helm.HelmValuesError):
                 chart.validate_schema({**good, **bad})
         with pytest.raises(helm.HelmRenderError, match="data.url is required"):
@@ -286,6 +290,117 @@ def test_notes_tell_how_to_follow_the_run():
     assert "s3://runs/model2/results.json" in notes
 
 
+# --- NetworkPolicy: who may connect to the pods, by the Kubernetes semantics of the rendered policies. ---
+
+NAMESPACE = {"kubernetes.io/metadata.name": "ml"}   # the release's namespace, labelled as Kubernetes does
+PROMETHEUS = {"labels": {"app.kubernetes.io/name": "prometheus", "prometheus": "kube-prometheus-stack-prometheus"},
+              "namespace": {"kubernetes.io/metadata.name": "monitoring"}}
+STRANGER = {"labels": {"app": "notebook"}, "namespace": NAMESPACE}
+GLOO_PORT = 45123   # Gloo and NCCL listen on random ports
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """A label selector: every matchLabels pair and matchExpressions term holds; {} selects all."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    holds = {"In": lambda key, values: labels.get(key) in values,
+             "NotIn": lambda key, values: labels.get(key) not in values,
+             "Exists": lambda key, values: key in labels, "DoesNotExist": lambda key, values: key not in labels}
+    return all(holds[e["operator"]](e["key"], e.get("values", [])) for e in selector.get("matchExpressions", []))
+
+
+def admits(objects: list[dict], pod: dict, peer: dict, port: int) -> bool:
+    """Whether the rendered NetworkPolicies (installed in namespace ml) let `peer` open a TCP connection to
+    `pod` on `port`. A pod that no policy selects admits everything; rules of the policies that select it
+    add up. Peers are pods ({"labels", "namespace": its labels}): ipBlock peers never match here."""
+    def peer_matches(rule: dict) -> bool:
+        if "ipBlock" in rule:
+            return False
+        in_namespace = (selects(rule["namespaceSelector"], peer["namespace"]) if "namespaceSelector" in rule
+                        else peer["namespace"] == NAMESPACE)
+        return in_namespace and selects(rule.get("podSelector", {}), peer["labels"])
+
+    def port_matches(entry: dict) -> bool:
+        assert isinstance(entry.get("port", 0), int), entry   # named ports are not modelled
+        first = entry.get("port", port)
+        return entry.get("protocol", "TCP") == "TCP" and first <= port <= entry.get("endPort", first)
+
+    policies = [o["spec"] for o in objects if o["kind"] == "NetworkPolicy"
+                and "Ingress" in o["spec"].get("policyTypes", ["Ingress"]) and pod["namespace"] == NAMESPACE
+                and selects(o["spec"]["podSelector"], pod["labels"])]
+    return not policies or any(
+        (not rule.get("from") or any(peer_matches(p) for p in rule["from"]))
+        and (not rule.get("ports") or any(port_matches(p) for p in rule["ports"]))
+        for policy in policies for rule in policy.get("ingress", []))
+
+
+def running_pod(objects: list[dict], job_name: str, index: int = 0) -> dict:
+    """Pod `index` of a rendered Job: its template's labels and those the Job controller adds."""
+    labels = find(objects, "Job", job_name)["spec"]["template"]["metadata"]["labels"]
+    return {"labels": {**labels, "job-name": job_name, "batch.kubernetes.io/job-name": job_name,
+                       "batch.kubernetes.io/job-completion-index": str(index)}, "namespace": NAMESPACE}
+
+
+def validate_strictly(objects: list[dict]) -> None:
+    version = kubernetes_validate.utils.latest_version()
+    for obj in objects:
+        if (obj["apiVersion"], obj["kind"]) not in CRDS:
+            kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_network_policies_admit_only_the_jobs_own_pods_and_the_metrics_scrapers():
+    # Ingest and 2 pods x 2 GPUs in one release; metricsFrom: kube-prometheus-stack's Prometheus in monitoring.
+    objects, _ = render(scenario("monitoring"))
+    validate_strictly(objects)
+    trainer_policy, ingest_policy = find(objects, "NetworkPolicy", "t-trainer"), find(objects, "NetworkPolicy", "t-trainer-ingest")
+    trainer, peer, ingest = (running_pod(objects, "t-trainer", 0), running_pod(objects, "t-trainer", 1),
+                             running_pod(objects, "t-trainer-ingest"))
+    assert selects(trainer_policy["spec"]["podSelector"], trainer["labels"])
+    assert not selects(trainer_policy["spec"]["podSelector"], ingest["labels"])
+    assert selects(ingest_policy["spec"]["podSelector"], ingest["labels"])
+    # Only ingress is restricted: egress (object storage, DNS) stays open.
+    assert trainer_policy["spec"]["policyTypes"] == ingest_policy["spec"]["policyTypes"] == ["Ingress"]
+
+    [container] = find(objects, "Job", "t-trainer")["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    metrics = [port for name, port in ports.items() if name.startswith("metrics-")]
+    assert ports["rendezvous"] == 29500 and metrics == [9400, 9401]
+    for port in (ports["rendezvous"], GLOO_PORT, *metrics):   # the job's own pods: every port, both ways
+        assert admits(objects, trainer, peer, port) and admits(objects, peer, trainer, port), port
+    other_release = {"labels": {**trainer["labels"], "app.kubernetes.io/instance": "u", "job-name": "u-trainer"},
+                     "namespace": NAMESPACE}
+    for outsider in (ingest, STRANGER, other_release, PROMETHEUS):
+        for port in (ports["rendezvous"], GLOO_PORT):
+            assert not admits(objects, trainer, outsider, port), (outsider, port)
+    for port in metrics:
+        assert admits(objects, trainer, PROMETHEUS, port) and not admits(objects, trainer, STRANGER, port)
+    assert not admits(objects, trainer, PROMETHEUS, 9402)   # not a metrics port with 2 processes per pod
+
+    # The ingest pods serve only their metrics, to the same scrapers.
+    assert admits(objects, ingest, PROMETHEUS, 9400)
+    for outsider, port in ((STRANGER, 9400), (trainer, 9400), (running_pod(objects, "t-trainer-ingest", 1), GLOO_PORT)):
+        assert not admits(objects, ingest, outsider, port), (outsider, port)
+
+
+def test_network_policies_by_default_and_switched_off():
+    objects, _ = render(scenario("default"))
+    trainer = running_pod(objects, "t-trainer")
+    # metricsFrom empty: the metrics port from anywhere (Prometheus runs in another namespace), nothing else.
+    anywhere = {"labels": {"app": "scraper"}, "namespace": {"kubernetes.io/metadata.name": "elsewhere"}}
+    assert admits(objects, trainer, anywhere, 9400)
+    assert not admits(objects, trainer, anywhere, 29500) and not admits(objects, trainer, STRANGER, GLOO_PORT)
+
+    quiet, _ = render({**scenario("monitoring"), "metrics": {"enabled": False}})
+    validate_strictly(quiet)
+    assert not admits(quiet, running_pod(quiet, "t-trainer"), PROMETHEUS, 9400)
+    assert admits(quiet, running_pod(quiet, "t-trainer"), running_pod(quiet, "t-trainer", 1), 29500)
+    assert not admits(quiet, running_pod(quiet, "t-trainer-ingest"), PROMETHEUS, 9400)
+
+    off, _ = render({**scenario("monitoring"), "networkPolicy": {"enabled": False}})
+    assert not [o for o in off if o["kind"] == "NetworkPolicy"]
+    assert admits(off, running_pod(off, "t-trainer"), STRANGER, 29500)
+
+
 # --- The rendered commands, run as local processes: the chart's command lines are the ones that work. ---
 
 def kubelet_env(container: dict, index: int, secrets: dict) -> dict[str, str]:
@@ -378,6 +493,116 @@ def test_rendered_jobs_ingest_then_train_on_local_processes(train_shards, s3_buc
     # 10 classes: chance is 0.1 top-1 and 0.5 top-5.
     assert results["val_top1"] > 0.25 and results["val_top5"] > 0.75
     assert fs.exists(f"{s3_bucket}/run/model.keras")
+
+
+def child_processes(pid: int) -> dict[int, str]:
+    """The processes whose parent is `pid`, with their command lines (from /proc)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found[int(stat.parent.name)] = (stat.parent / "cmdline").read_text().replace("\0", " ")
+        except (OSError, IndexError, ValueError):   # it exited while being read
+            continue
+    return found
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (a reaped pid's /proc entry is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def connected_to(pid: int, port: int) -> bool:
+    """Whether process `pid` holds an established TCP connection to port `port` (IPv4)."""
+    sockets = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            sockets.add(re.fullmatch(r"socket:\[(\d+)\]", os.readlink(fd)).group(1))
+        except (OSError, AttributeError):
+            continue
+    rows = [line.split() for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]]
+    return any(row[3] == "01" and int(row[2].rsplit(":", 1)[1], 16) == port and row[9] in sockets for row in rows)
+
+
+def test_ingest_pod_stops_on_sigterm_and_its_rerun_completes_the_dataset(train_shards, tmp_path, monkeypatch):
+    """Kubernetes stops a pod with SIGTERM to the container's PID 1, the ingest's shell. Pod 1 of 2 gets it
+    while stuck on a stalled object store (its moto_server stopped with SIGSTOP): the shell must pass it to
+    python, wait for it and exit with python's non-zero code. (Here the shell is not PID 1: one that did not
+    trap SIGTERM would die alone and leave python running, which the test sees; as PID 1 it would ignore the
+    signal until the grace period ends.) The replacement pod, the same command, then completes the dataset."""
+    import boto3
+
+    from ingest.errors import EXIT_INTERRUPTED
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    moto = [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    secrets = {SECRET: {k: S3_TEST_ENV[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}}
+    values = {
+        "train": {"enabled": False}, "data": {"url": "s3://data/shards"},
+        "s3": {"existingSecret": SECRET, "endpoint": endpoint, "region": S3_TEST_ENV["AWS_DEFAULT_REGION"]},
+        "ingest": {"enabled": True, "input": str(train_shards.parent / "tiny"), "workers": 2, "processes": 1,
+                   "extraArgs": ["--shard-size=100"]},
+    }
+    [ingest] = find(render(values)[0], "Job", "t-trainer-ingest")["spec"]["template"]["spec"]["containers"]
+    logs = [tmp_path / name for name in ("ingest-0.log", "ingest-1.log", "ingest-1-again.log")]
+    with local_server(moto, f"{endpoint}/moto-api/") as store:
+        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_TEST_ENV["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=S3_TEST_ENV["AWS_SECRET_ACCESS_KEY"],
+                          region_name=S3_TEST_ENV["AWS_DEFAULT_REGION"])
+        s3.create_bucket(Bucket="data")
+        finish(start_pod(ingest, 0, secrets, logs[0], own_metrics_port), logs[0])   # leaves finalizing to pod 1
+
+        store.send_signal(signal.SIGSTOP)
+        pod, python = start_pod(ingest, 1, secrets, logs[1], own_metrics_port), []
+        try:
+            deadline = time.monotonic() + 120
+            while True:   # until python is running and waiting on the object store
+                assert pod.poll() is None and time.monotonic() < deadline, logs[1].read_text()[-3000:]
+                python = [pid for pid, argv in child_processes(pod.pid).items() if "-m ingest.shard" in argv]
+                if python and connected_to(python[0], port):
+                    break
+                time.sleep(0.1)
+            pod.send_signal(signal.SIGTERM)
+            pod.wait(timeout=60)
+            left_running = running(python[0])   # while the store is stalled: python cannot finish on its own
+        finally:
+            for pid in python:
+                if running(pid):
+                    os.kill(pid, signal.SIGKILL)
+            if pod.poll() is None:
+                pod.kill()
+            store.send_signal(signal.SIGCONT)
+        # The shell's own exit code (not death by the signal): python's, killed by SIGTERM (or its
+        # interrupted code, should it catch the signal). And python is gone, not left running.
+        assert pod.returncode in (128 + signal.SIGTERM, EXIT_INTERRUPTED), (pod.returncode, logs[1].read_text()[-3000:])
+        assert not left_running, "the shell exited and left python running"
+
+        finish(start_pod(ingest, 1, secrets, logs[2], own_metrics_port), logs[2])
+        manifest = json.loads(s3.get_object(Bucket="data", Key="shards/manifest.json")["Body"].read())
+        assert {split: info["samples"] for split, info in manifest["splits"].items()} == {"train": 1000, "val": 100}
+        for key, value in {**S3_TEST_ENV, "AWS_ENDPOINT_URL": endpoint}.items():
+            monkeypatch.setenv(key, value)
+        run_cli("ingest.verify", "s3://data/shards", check=True)
+
+
+def test_wait_for_data_stops_on_sigterm(tmp_path):
+    """The init container's python is PID 1, which ignores SIGTERM it does not handle: its script handles it.
+    (Here python is not PID 1: without the handler it would die of the signal, -15, not exit 143.)"""
+    values = {**scenario("default"), "data": {"url": str(tmp_path / "not-yet")}, "ingest": {"enabled": True, "input": "/raw"}}
+    [wait] = find(render(values)[0], "Job", "t-trainer")["spec"]["template"]["spec"]["initContainers"]
+    log = tmp_path / "wait.log"
+    process = start_pod(wait, 0, {}, log)
+    deadline = time.monotonic() + 120
+    while "manifest.json (the ingest writes it last)" not in log.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, log.read_text()[-3000:]
 
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cpu"])
