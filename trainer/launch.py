@@ -12,6 +12,7 @@ one process per slot (GPU) with the HOROVOD_* environment that `horovodrun --glo
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import signal
 import socket
@@ -43,12 +44,22 @@ def slot_environment(slot, rendezvous_addr: str, port: int, iface: str) -> dict[
     }
 
 
-def serve_rendezvous(plan: list, port: int) -> RendezvousHTTPServer:
-    """Pod 0: Horovod's rendezvous server on the fixed port every pod was told."""
-    server = RendezvousHTTPServer(("0.0.0.0", port), RendezvousHandler, 0)
+def serve_rendezvous(plan: list, port: int, rendezvous_addr: str) -> RendezvousHTTPServer:
+    """Pod 0: Horovod's rendezvous server on the fixed port every pod was told. The store has no
+    authentication (docs/reliability.md, "Dependency audit"): it listens on loopback when the job
+    is local, and the chart's NetworkPolicy fences it in on a cluster."""
+    host = "127.0.0.1" if ipaddress_is_loopback(rendezvous_addr) else "0.0.0.0"
+    server = RendezvousHTTPServer((host, port), RendezvousHandler, 0)
     server.init(plan)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
+
+
+def ipaddress_is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:   # a DNS name: another pod's
+        return address == "localhost"
 
 
 def wait_for_rendezvous(addr: str, port: int, timeout: float) -> None:
@@ -71,7 +82,7 @@ def run_pod(index: int, pods: int, slots: int, template: str, rendezvous_addr: s
     """Start this pod's slot processes; the first failure stops the others (no rank may hang)."""
     plan = host_plan(pods, slots, template)
     hostname = template.format(index=index)
-    server = serve_rendezvous(plan, port) if index == 0 else None
+    server = serve_rendezvous(plan, port, rendezvous_addr) if index == 0 else None
     wait_for_rendezvous(rendezvous_addr, port, rendezvous_timeout)
     mine = [s for s in plan if s.hostname == hostname]
     processes = [subprocess.Popen(command, env={**os.environ, **slot_environment(s, rendezvous_addr, port, iface)})
