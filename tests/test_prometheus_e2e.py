@@ -54,7 +54,10 @@ def query(server: str, expr: str) -> dict:
 @pytest.fixture
 def prometheus(tmp_path, train_shards):
     """Prometheus scraping two trainer workers (ports P and P+1) and this process's ingest metrics."""
-    trainer_port, ingest_port, port = free_port(), free_port(), free_port()
+    trainer_port = free_port(span=2)   # rank 0 and rank 1
+    taken = {trainer_port, trainer_port + 1}
+    ingest_port = next(p for p in iter(free_port, None) if p not in taken)
+    port = next(p for p in iter(free_port, None) if p not in taken | {ingest_port})
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(RULES)],
@@ -79,7 +82,7 @@ def test_every_dashboard_and_rule_expression_works_on_real_runs(prometheus, trai
         [str(Path(sys.executable).parent / "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable,
          "-m", "trainer.train", "--data", str(train_shards), "--output", str(tmp_path / "run"), "--preset",
          "seed-model1-aug", "--epochs", "40", "--batch-size", "16", "--metrics-port", str(trainer_port)],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=(tmp_path / "training.log").open("w"))
     records, alerts = rule_expressions()
     wanted = dashboard_expressions() + [(f"recording rule {r}", r) for r in records]
     missing = wanted
@@ -90,8 +93,10 @@ def test_every_dashboard_and_rule_expression_works_on_real_runs(prometheus, trai
             missing = [(name, expr) for name, expr in wanted
                        if query(server, expr)["status"] != "success" or not query(server, expr)["data"]["result"]]
     finally:
+        ended = training.poll()
         training.kill()
         training.wait()
-    assert not missing, f"no data for: {missing}"
+    assert not missing, (f"no data for: {missing}" if ended is None else
+                         f"training exited ({ended}): {(tmp_path / 'training.log').read_text()[-3000:]}")
     for expr in alerts:
         assert query(server, expr)["status"] == "success", expr
