@@ -4,7 +4,7 @@
 - TFRecord: the same images written as TFRecord files (local disk) and read by TFRecordDataset
   with the same decode + augment: the incumbent TensorFlow way.
 
-    python -m bench.pipeline --data URL [--split train] [--batch-size 256] [--seconds 20] [--json]
+    python -m bench.pipeline --data URL [--split train] [--batch-size 256] [--seconds 10] [--rounds 3] [--json]
 """
 from __future__ import annotations
 
@@ -26,9 +26,8 @@ from trainer.data import AUTOTUNE, Dataset, InputConfig
 BASELINE_BYTES = 256 << 20
 
 
-def images_per_second(dataset: tf.data.Dataset, batch_size: int, seconds: float) -> float:
+def images_per_second(iterator, batch_size: int, seconds: float) -> float:
     """Batches drawn for `seconds` after a warm-up of a few batches."""
-    iterator = iter(dataset)
     for _ in range(3):
         next(iterator)
     started, batches = time.perf_counter(), 0
@@ -97,15 +96,22 @@ def run(args: argparse.Namespace) -> dict:
     if args.split != "train":
         raise ValueError("only the train split streams with augmentation; use --split train")
     rss_before = peak_rss_mb()
-    pipeline = images_per_second(data.train(), config.batch_size, args.seconds)
-    rss_pipeline = peak_rss_mb()
+    streams = {"pipeline": iter(data.train())}
+    rates: dict[str, list[float]] = {"pipeline": [images_per_second(streams["pipeline"], config.batch_size,
+                                                                    args.seconds)]}
+    rss_pipeline = peak_rss_mb()   # before the baselines load their images into memory
     images, labels = in_memory_samples(data, args.split)
     in_memory = tf.data.Dataset.from_tensor_slices((images, labels)).repeat().shuffle(config.shuffle_buffer)
-    decode_limit = images_per_second(augmented(in_memory, config), config.batch_size, args.seconds)
+    streams["decode_limit"] = iter(augmented(in_memory, config))
     with tempfile.TemporaryDirectory() as directory:
         paths = write_tfrecords(images, labels, directory)
-        tfrecord = images_per_second(augmented(tfrecord_samples(paths, config.shuffle_buffer), config),
-                                     config.batch_size, args.seconds)
+        streams["tfrecord"] = iter(augmented(tfrecord_samples(paths, config.shuffle_buffer), config))
+        # Rounds alternate the contenders, so drift of the machine's speed reaches all three alike.
+        for round_ in range(args.rounds):
+            for name, stream in streams.items():
+                if round_ or name != "pipeline":
+                    rates.setdefault(name, []).append(images_per_second(stream, config.batch_size, args.seconds))
+    pipeline, decode_limit, tfrecord = (float(np.median(rates[name])) for name in streams)
     return {
         "data": args.data,
         "train_samples": data.samples("train"),
@@ -118,6 +124,7 @@ def run(args: argparse.Namespace) -> dict:
         "pipeline_vs_tfrecord": round(pipeline / tfrecord, 2),
         "peak_rss_mb_before_pipeline": round(rss_before),
         "peak_rss_mb_after_pipeline": round(rss_pipeline),
+        "rounds": args.rounds,
         "cpus": os.cpu_count(),
     }
 
@@ -131,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--augment", default="tinyimagenet", choices=sorted(PRESETS),
                         help="augmentation preset (default tinyimagenet)")
     parser.add_argument("--shuffle-buffer", type=int, default=10_000, help="samples (default 10000)")
-    parser.add_argument("--seconds", type=float, default=20, help="measuring time per contender (default 20)")
+    parser.add_argument("--seconds", type=float, default=10,
+                        help="measuring time per contender and round (default 10)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds, each measuring every contender in turn; medians are reported (default 3)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
     args = parser.parse_args(argv)
     result = run(args)
