@@ -14,7 +14,7 @@ PROMETHEUS = REPO / "deploy" / "prometheus"
 @pytest.mark.parametrize("args", [
     ["check", "rules", "rules.yml"],
     ["check", "config", "prometheus.yml"],
-    ["test", "rules", "rules_test.yml"],   # TrainingStalled, TrainingDataStarved, a recording rule
+    ["test", "rules", "rules_test.yml"],   # every alert firing and not firing, a recording rule
 ])
 def test_promtool(args):
     promtool = shutil.which("promtool")

@@ -8,7 +8,7 @@ from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTO
 from .shards import ReadStats
 
 # From a fast GPU step (milliseconds) to a slow CPU one (seconds).
-SKIP_REASONS = ("shard_missing", "shard_unreadable", "sample_incomplete")
+SKIP_REASONS = ("shard_missing", "shard_unreadable", "shard_corrupt", "sample_incomplete", "sample_undecodable")
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
