@@ -36,5 +36,11 @@ class IngestMetrics:
         for cause, count in entry["reencoded"].items():
             self.reencoded.labels(cause).inc(count)
 
+    def record_listing(self, problems: list) -> None:
+        """Count the samples refused while listing (missing, duplicate, unsafe, ...), which never
+        reach a shard. One worker of N counts them, as the plan (and so the list) is the same in all."""
+        for problem in problems:
+            self.rejected.labels(problem.reason).inc()
+
     def push(self, gateway: str, job: str = "ingest", grouping: dict[str, str] | None = None) -> None:
         push_to_gateway(gateway, job=job, registry=self.registry, grouping_key=grouping or {})

@@ -78,6 +78,8 @@ def _plan_and_build(config: IngestConfig, source: Location, fs, root: str, runne
     plan = make_plan(scan, seed=config.seed, shard_size=config.shard_size,
                      shard_bytes=config.shard_bytes, settings=settings)
     _claim_output(fs, root, plan, {**settings, "input": config.input})
+    if config.worker_index == 0:
+        metrics.record_listing(plan.problems)
     mine = plan.for_worker(config.num_workers, config.worker_index)
     committed = load_committed(fs, root, plan.plan_id)
     todo = [shard for shard in mine if shard.name not in committed]

@@ -337,8 +337,11 @@ def test_metrics_served_during_the_run_match_the_manifest(tiny, tmp_path):
 
     from bench.servers import free_port
 
+    source = tmp_path / "tiny-imagenet-200"
+    shutil.copytree(tiny[1], source)
+    next((source / "val" / "images").iterdir()).unlink()   # refused while listing: missing_file
     port = free_port()
-    report = run(IngestConfig(output=str(tmp_path / "out"), input=str(tiny[1]), shard_size=4, processes=1,
+    report = run(IngestConfig(output=str(tmp_path / "out"), input=str(source), shard_size=4, processes=1,
                               metrics_port=port, pushgateway=f"http://127.0.0.1:{free_port()}"))
     exposition = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     checked = subprocess.run([shutil.which("promtool"), "check", "metrics"], input=exposition,
@@ -350,7 +353,9 @@ def test_metrics_served_during_the_run_match_the_manifest(tiny, tmp_path):
     for cause, count in manifest["reencoded"].items():
         assert f'ingest_images_reencoded_total{{cause="{cause}"}} {float(count)}' in exposition
     shard_rejects = [r for e in report.written for r in e["rejected"]]
-    assert shard_rejects and all(f'reason="{r["reason"]}"' in exposition for r in shard_rejects)
+    assert shard_rejects and manifest["rejected_by_reason"]["missing_file"] == 1
+    for reason, count in manifest["rejected_by_reason"].items():   # listing and shard rejections alike
+        assert f'ingest_images_rejected_total{{reason="{reason}"}} {float(count)}' in exposition
 
 
 def test_final_counts_are_pushed_to_a_real_pushgateway(tiny, tmp_path):
