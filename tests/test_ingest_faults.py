@@ -343,6 +343,17 @@ def _kill_self() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _die_before(module, name: str, suffix: str) -> None:
+    """Replace module.name(fs, path, payload) by one that dies before writing a path ending in `suffix`."""
+    real = getattr(module, name)
+
+    def die_first(fs, path, payload):
+        if path.endswith(suffix):
+            _kill_self()
+        return real(fs, path, payload)
+    setattr(module, name, die_first)
+
+
 def _install(point: str, target: str) -> None:
     """Patch the one function where `point` happens for the object named `target`."""
     from fsspec.implementations.local import LocalFileSystem
@@ -359,21 +370,9 @@ def _install(point: str, target: str) -> None:
             return pipe_file(self, path, value, *args, **kwargs)
         LocalFileSystem.pipe_file = half_then_die
     elif point == "before-index":            # the shard object written, its index entry not
-        write_json = writer.write_json
-
-        def die_at_entry(fs, path, obj):
-            if path.endswith(f"/{target}.json"):
-                _kill_self()
-            return write_json(fs, path, obj)
-        writer.write_json = die_at_entry
+        _die_before(writer, "write_json", f"/{target}.json")
     elif point == "before-manifest":         # finalize checked every shard, about to write
-        write_atomic = manifest.write_atomic
-
-        def die_at_manifest(fs, path, data):
-            if path.endswith(f"/{target}"):
-                _kill_self()
-            return write_atomic(fs, path, data)
-        manifest.write_atomic = die_at_manifest
+        _die_before(manifest, "write_atomic", f"/{target}")
     elif point == "pause-before-rename":     # the temporary file complete, not yet renamed
         mv = LocalFileSystem.mv
         signals = Path(os.environ["FAULT_SIGNALS"])
