@@ -251,7 +251,8 @@ def test_decode_drops_tell_reordering_from_loss():
     drops.see(np.array([9]))                # 4 is now too far behind the newest: dropped
     assert drops.next == 6 and stats.skipped_samples == Counter({"undecodable": 1})
     drops.see(np.array([4]))                # late after all: already counted, not counted again
-    drops.finish(12)                        # 6, 7, 8, 10, 11 never came
+    drops.enter(12)
+    drops.finish()                          # 6, 7, 8, 10, 11 never came
     assert stats.skipped_samples == Counter({"undecodable": 6}) and not drops.ahead
 
 

@@ -91,16 +91,17 @@ class DecodeDrops:
             self.entered += count
 
     def see(self, numbers: np.ndarray) -> int:
+        values = numbers.tolist()
         # A number below `next` was already counted as dropped: a decode stalled past the window.
-        self.ahead.update(n for n in numbers.tolist() if n >= self.next)
-        self.newest = max(self.newest, *numbers.tolist()) if len(numbers) else self.newest
+        self.ahead.update(n for n in values if n >= self.next)
+        self.newest = max([self.newest, *values])
         while self.next in self.ahead or self.newest - self.next > self.window:
             self._account(self.next)
         return len(numbers)
 
-    def finish(self, entered: int) -> None:
-        """At the end of a finite stream of `entered` samples: all the missing ones were dropped."""
-        while self.next < entered:
+    def finish(self) -> None:
+        """At the end of a finite stream: every sample that entered and never came out was dropped."""
+        while self.next < self.entered:
             self._account(self.next)
 
     def _account(self, number: int) -> None:
@@ -183,7 +184,7 @@ class Dataset:
 
         def end() -> Iterator:
             if finite:
-                drops.finish(drops.entered)
+                drops.finish()
             self.source.check()
             yield from ()
 
