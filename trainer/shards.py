@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ingest.storage import Location
+from ingest.storage import Location, is_storage_failure
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,11 @@ class ShardSource:
                 members = parse_tar(data)
             except FileNotFoundError:
                 return b"", self._skip(name, "missing", "not found")
-            except (OSError, ShardError, ValueError) as exc:  # OSError: also timeouts, lost connections
+            except Exception as exc:
+                # Storage failures are what ingest.storage says they are (OSError, botocore's and
+                # aiohttp's errors after their own retries); anything else is a bug: fatal.
+                if not isinstance(exc, (ShardError, ValueError)) and not is_storage_failure(exc):
+                    raise
                 if attempt == self.retries:
                     reason = "corrupt" if isinstance(exc, ShardError) else "unreadable"
                     return b"", self._skip(name, reason, f"{type(exc).__name__}: {exc}")
