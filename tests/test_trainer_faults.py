@@ -86,3 +86,17 @@ def test_a_checkpoint_interrupted_mid_write_is_never_resumed_from(shards, tmp_pa
     assert results["start_epoch"] == 1 and results["epochs_run"] == 3
     latest = json.loads((out / "checkpoints" / "latest.json").read_text())
     assert [h["epoch"] for h in latest["history"]] == [0, 1, 2]
+
+
+def test_training_data_that_disappears_stops_the_run_with_one_line(shards, tmp_path):
+    import shutil
+
+    gone = tmp_path / "gone"
+    shutil.copytree(shards, gone)
+    for path in gone.glob("train-*.tar"):
+        path.unlink()
+    result = run_cli("trainer.train", "--data", gone, "--output", tmp_path / "out", "--preset", "seed-model1",
+                     "--epochs", "1")
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "error: reading the training data: 20 shards in a row could not be read" in result.stderr
+    assert "Traceback" not in result.stderr

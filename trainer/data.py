@@ -15,6 +15,7 @@ sequence numbers. Nothing upstream of the decode can raise (see trainer.shards),
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -124,6 +125,15 @@ class Dataset:
         expected = {shard["name"]: (shard["bytes"], shard["sha256"])
                     for split in self.manifest["splits"].values() for shard in split["shards"]}
         self.source = ShardSource(location, stats, expected=expected)
+
+    @contextlib.contextmanager
+    def reader_errors(self) -> Iterator[None]:
+        """Around iterating a stream: raise the reader's own failure, not TensorFlow's wrapping of it."""
+        try:
+            yield
+        except tf.errors.OpError:
+            self.source.check()
+            raise
 
     @property
     def num_classes(self) -> int:

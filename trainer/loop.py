@@ -141,11 +141,8 @@ class Trainer:
         return float(loss), float(top1), float(top5), images_seen / seconds, waiting / seconds
 
     def next_batch(self) -> tuple[tf.Tensor, tf.Tensor]:
-        try:
+        with self.data.reader_errors():
             return next(self.train_stream)
-        except tf.errors.OpError:
-            self.data.source.check()   # the reader's own error, not TensorFlow's wrapping of it
-            raise
 
     def sync_statistics(self) -> None:
         """Average the non-trained state (BatchNorm's moving statistics, updated from each rank's own
@@ -158,12 +155,9 @@ class Trainer:
     def evaluate(self, split: str = "val") -> tuple[float, float]:
         """Exact top-1, top-5 over the whole split: each rank counts its share, counts are summed."""
         counts = tf.zeros([3])
-        try:
+        with self.data.reader_errors():
             for images, labels in self.data.evaluate(split, self.workers.rank, self.workers.size):
                 counts += self.eval_step(images, labels)
-        except tf.errors.OpError:
-            self.data.source.check()
-            raise
         top1, top5, seen = dist.total([counts])[0].numpy()
         return float(top1 / max(seen, 1)), float(top5 / max(seen, 1))
 
