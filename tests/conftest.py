@@ -21,15 +21,23 @@ def s3_endpoint():
         yield endpoint
 
 
+def use_s3_endpoint(monkeypatch, endpoint: str) -> None:
+    """Point every S3 client of this process (and of the CLIs it starts) at `endpoint`, with the test
+    credentials, through the environment as in production."""
+    import s3fs
+
+    for key, value in {**S3_TEST_ENV, "AWS_ENDPOINT_URL": endpoint}.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()   # a cached client would keep the old endpoint
+
+
 @pytest.fixture
 def s3_bucket(s3_endpoint, monkeypatch):
     """A fresh bucket; credentials and endpoint come from the environment, as in production."""
     import boto3
     import s3fs
 
-    for key, value in {**S3_TEST_ENV, "AWS_ENDPOINT_URL": s3_endpoint}.items():
-        monkeypatch.setenv(key, value)
-    s3fs.S3FileSystem.clear_instance_cache()
+    use_s3_endpoint(monkeypatch, s3_endpoint)
     bucket = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
     yield bucket

@@ -19,7 +19,7 @@ import yaml
 
 from bench.servers import S3_TEST_ENV, free_port, local_server
 
-from .conftest import REPO, run_cli
+from .conftest import REPO, run_cli, use_s3_endpoint
 
 CHART = REPO / "charts" / "trainer"
 SCENARIOS = sorted((CHART / "ci").glob("*-values.yaml"))
@@ -584,8 +584,7 @@ def test_ingest_pod_stops_on_sigterm_and_its_rerun_completes_the_dataset(train_s
         finish(start_pod(ingest, 1, secrets, logs[2], own_metrics_port), logs[2])
         manifest = json.loads(s3.get_object(Bucket="data", Key="shards/manifest.json")["Body"].read())
         assert {split: info["samples"] for split, info in manifest["splits"].items()} == {"train": 1000, "val": 100}
-        for key, value in {**S3_TEST_ENV, "AWS_ENDPOINT_URL": endpoint}.items():
-            monkeypatch.setenv(key, value)
+        use_s3_endpoint(monkeypatch, endpoint)
         run_cli("ingest.verify", "s3://data/shards", check=True)
 
 

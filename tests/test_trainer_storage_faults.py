@@ -14,7 +14,7 @@ from bench.faultproxy import Rule, fault_proxy
 from trainer.data import Dataset, InputConfig
 from trainer.shards import ReadStats
 
-from .conftest import run_cli
+from .conftest import run_cli, use_s3_endpoint
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +37,13 @@ def s3_shards(train_shards, s3_endpoint):
 @pytest.fixture
 def through(s3_endpoint, monkeypatch):
     """Start a fault proxy with the given rules and point the S3 client at it."""
-    from bench.servers import S3_TEST_ENV
-
     proxies = []
 
     def start(rules):
         context = fault_proxy(s3_endpoint, rules)
         proxy = context.__enter__()
         proxies.append(context)
-        for key, value in {**S3_TEST_ENV, "AWS_ENDPOINT_URL": proxy.url}.items():
-            monkeypatch.setenv(key, value)
-        s3fs.S3FileSystem.clear_instance_cache()
+        use_s3_endpoint(monkeypatch, proxy.url)
         return proxy
 
     yield start
@@ -90,13 +86,10 @@ def test_an_unreadable_manifest_stops_training_with_a_message_naming_it(s3_shard
 
 
 def test_a_long_read_through_s3_leaks_no_file_handles_or_threads(s3_shards, s3_endpoint, monkeypatch):
-    from bench.servers import S3_TEST_ENV
     from bench.soak import soak
 
     # Straight to moto_server (another process): the proxy's own sockets and threads would be counted.
-    for key, value in {**S3_TEST_ENV, "AWS_ENDPOINT_URL": s3_endpoint}.items():
-        monkeypatch.setenv(key, value)
-    s3fs.S3FileSystem.clear_instance_cache()
+    use_s3_endpoint(monkeypatch, s3_endpoint)
     samples = soak(s3_shards, epochs=8, batch_size=50)
     settled = samples[2:]   # after the first epochs opened the connections and started the threads
     assert [s.images for s in settled] == [1000 + 100] * len(settled)
