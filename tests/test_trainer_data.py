@@ -180,6 +180,21 @@ def test_a_dataset_whose_shards_are_all_gone_fails_instead_of_hanging(shards, tm
         dataset.source.check()
 
 
+def test_readers_on_several_threads_keep_the_first_fatal_failure(shards, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ingest.storage import Location
+    from trainer.shards import MAX_CONSECUTIVE_SKIPS, ShardSource
+
+    source = ShardSource(Location(str(shards)), retries=0)
+    missing = [f"absent-{i:03d}.tar" for i in range(4 * MAX_CONSECUTIVE_SKIPS)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(source.samples, missing))
+    assert all(len(offsets) == 0 for _, offsets, _, _ in results)
+    assert str(source.failure).startswith(f"{MAX_CONSECUTIVE_SKIPS} shards in a row could not be read")
+    assert source.stats.skipped_shards["missing"] >= MAX_CONSECUTIVE_SKIPS
+
+
 def _damage(root, name: str, damage) -> bytes:
     """Rewrite a shard with `damage(data, members)` applied, returning the new bytes."""
     data = bytearray((root / name).read_bytes())

@@ -121,6 +121,7 @@ class ShardSource:
         self.expected = expected or {}        # name -> (bytes, sha256) from the manifest
         self.failure: Exception | None = None
         self._consecutive_skips = 0
+        self._skips_lock = threading.Lock()   # interleaved readers skip from several threads
 
     def samples(self, name: str, part: int = 0, parts: int = 1,
                 labelled: bool = True) -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray]:
@@ -133,11 +134,17 @@ class ShardSource:
         try:
             return self._samples(name, part, parts, labelled)
         except ShardError as exc:
-            self.failure = exc
+            self._fail(exc)
         except Exception as exc:   # raised into tf.data, it would be dropped with the bad images
             log.exception("shard %s: reading failed", name)
-            self.failure = exc
+            self._fail(exc)
         return _NOTHING
+
+    def _fail(self, exc: Exception) -> None:
+        # The first failure is the cause; readers on other threads may fail after it.
+        with self._skips_lock:
+            if self.failure is None:
+                self.failure = exc
 
     def _samples(self, name: str, part: int, parts: int,
                  labelled: bool) -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray]:
@@ -180,7 +187,8 @@ class ShardSource:
                 attempt += 1
                 continue
             self.stats.add(shard_bytes=len(data), shards=1)
-            self._consecutive_skips = 0
+            with self._skips_lock:
+                self._consecutive_skips = 0
             return data, members
 
     def _check(self, name: str, data: bytes) -> None:
@@ -196,9 +204,11 @@ class ShardSource:
     def _skip(self, name: str, reason: str, detail: str) -> dict:
         self.stats.skip("shards", reason)
         log.error("shard %s skipped (%s): %s", name, reason, detail)
-        self._consecutive_skips += 1
-        if self._consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
-            raise ShardError(f"{self._consecutive_skips} shards in a row could not be read (last: {name}: "
+        with self._skips_lock:
+            self._consecutive_skips += 1
+            skips = self._consecutive_skips
+        if skips >= MAX_CONSECUTIVE_SKIPS:
+            raise ShardError(f"{MAX_CONSECUTIVE_SKIPS} shards in a row could not be read (last: {name}: "
                              f"{detail}); is the storage at {self.root} reachable?")
         return {}
 
