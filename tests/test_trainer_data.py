@@ -140,10 +140,15 @@ def test_parse_tar_agrees_with_tarfile(shards, tmp_path):
             key, _, ext = member.name.partition(".")
             expected.setdefault(key, {})[ext] = tar.extractfile(member).read()
     assert payloads(data, parse_tar(data)) == expected
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_parse_tar_reads_long_names_in_each_format(tar_format):
+    """Names over 100 bytes: a PAX record, a GNU long-name member, or a ustar prefix field."""
     buffer = io.BytesIO()
-    long_key = "k" * 150
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, payload in ((f"{long_key}.jpg", b"abc"), ("dir/short.cls", b"7")):
+    long_key = "k" * 90
+    with tarfile.open(fileobj=buffer, mode="w", format=tar_format) as tar:
+        for name, payload in ((f"{'d' * 120}/{long_key}.jpg", b"abc"), ("dir/short.cls", b"7")):
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))

