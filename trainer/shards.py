@@ -127,7 +127,7 @@ class ShardSource:
         self.expected = expected or {}        # name -> (bytes, sha256) from the manifest
         self.failure: Exception | None = None
         self._consecutive_skips = 0
-        self._skips_lock = threading.Lock()   # interleaved readers skip from several threads
+        self._lock = threading.Lock()   # the skip count and the first failure: readers run on several threads
 
     def samples(self, name: str, part: int = 0, parts: int = 1,
                 labelled: bool = True) -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray]:
@@ -148,7 +148,7 @@ class ShardSource:
 
     def _fail(self, exc: Exception) -> None:
         # The first failure is the cause; readers on other threads may fail after it.
-        with self._skips_lock:
+        with self._lock:
             if self.failure is None:
                 self.failure = exc
 
@@ -193,7 +193,7 @@ class ShardSource:
                 attempt += 1
                 continue
             self.stats.add(shard_bytes=len(data), shards=1)
-            with self._skips_lock:
+            with self._lock:
                 self._consecutive_skips = 0
             return data, members
 
@@ -217,7 +217,7 @@ class ShardSource:
     def _skip(self, name: str, reason: str, detail: str) -> dict:
         self.stats.skip("shards", reason)
         log.error("shard %s skipped (%s): %s", name, reason, detail)
-        with self._skips_lock:
+        with self._lock:
             self._consecutive_skips += 1
             skips = self._consecutive_skips
         if skips >= MAX_CONSECUTIVE_SKIPS:
