@@ -185,7 +185,7 @@ def test_a_dataset_whose_shards_are_all_gone_fails_instead_of_hanging(shards, tm
         dataset.source.check()
 
 
-def test_readers_on_several_threads_keep_the_first_fatal_failure(shards, tmp_path):
+def test_readers_on_several_threads_keep_the_first_fatal_failure(shards):
     from concurrent.futures import ThreadPoolExecutor
 
     from ingest.storage import Location
