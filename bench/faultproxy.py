@@ -31,8 +31,8 @@ Faults (`FAULTS`):
                          forwarded, until `release()` or the proxy stops: a write in flight,
                          for killing the client at that moment
 
-Counters: `requests` (requests seen), `injected` (a Counter by fault) and `log` (one
-`(method, path, fault or None)` per request, in arrival order) on the proxy, `seen` (matching
+Counters: `requests` (requests seen), `injected` (a Counter by fault), `sent` (answer body
+bytes by method) and `log` (one `(method, path, fault or None)` per request, in arrival order) on the proxy, `seen` (matching
 requests) and `fired` (faults injected) on each rule; `wait_for(fault, n)` blocks until n such
 faults fired. `set_rules(rules)` replaces the rules at any time (new Rule objects count afresh).
 Only for tests and benchmarks: it listens on 127.0.0.1 and buffers whole bodies in memory.
@@ -100,6 +100,7 @@ class FaultProxy(ThreadingHTTPServer):
         self.upstream_timeout = timeout
         self.requests = 0
         self.injected: Counter[str] = Counter()
+        self.sent: Counter[str] = Counter()
         self.log: list[tuple[str, str, str | None]] = []
         self._rules = list(rules)
         self._random = random.Random(seed)
@@ -170,9 +171,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         if fault == "truncate":
-            self.wfile.write(payload[:len(payload) // 2])
-            return self._close()
+            payload = payload[:len(payload) // 2]
+            self.close_connection = True
         self.wfile.write(payload)
+        with self.server._changed:
+            self.server.sent[self.command] += len(payload)
+        if fault == "truncate":
+            self._close()
 
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _serve
 

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from typing import TypeVar
 
-from .errors import EXIT_INTERRUPTED, EXIT_OK, IngestError
+from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, IngestError, Terminated
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 T = TypeVar("T")
@@ -29,12 +30,21 @@ def run_main(body: Callable[[], int | None], log_level: str = "INFO") -> int:
     # Our own messages at the asked level; libraries (botocore, s3fs) only when they warn.
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("ingest").setLevel(log_level)
+    # Kubernetes stops a pod with SIGTERM to its PID 1, which ignores signals it does not handle.
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         code = body()
     except IngestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Terminated:
+        print("terminated (SIGTERM): committed shards are kept; rerun the same command to resume", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("interrupted: committed shards are kept; rerun the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_OK if code is None else code
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()

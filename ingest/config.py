@@ -29,10 +29,12 @@ class IngestConfig:
     splits: tuple[str, ...] = ("train", "val")
     shard_size: int = 1000
     shard_bytes: int | None = None
+    tar_run_bytes: int = 4 << 20        # images next to each other in an input tar: read in runs of this size
     processes: int = field(default_factory=lambda: os.cpu_count() or 1)
     num_workers: int = 1
     worker_index: int = 0
     finalize: bool = False
+    finalize_if_last: bool = False      # a worker that finds every planned shard committed writes the manifest
     resize: int | None = None
     validate: str = "header"
     quality: int = 95
@@ -50,8 +52,11 @@ class IngestConfig:
             (len(set(self.splits)) == len(self.splits), f"splits {','.join(self.splits)!r} repeat a split"),
             (self.shard_size >= 1, f"shard size {self.shard_size} must be >= 1"),
             (self.shard_bytes is None or self.shard_bytes >= 1, f"shard bytes {self.shard_bytes} must be >= 1"),
+            (self.tar_run_bytes >= 0, f"tar run bytes {self.tar_run_bytes} must be >= 0"),
             (self.processes >= 1, f"processes {self.processes} must be >= 1"),
             (self.num_workers >= 1, f"num workers {self.num_workers} must be >= 1"),
+            (not self.finalize_if_last or self.input is not None, "--finalize-if-last needs --input (it is a worker's mode)"),
+            (not (self.finalize and self.finalize_if_last), "--finalize and --finalize-if-last exclude each other"),
             (self.input is None or 0 <= self.worker_index < self.num_workers,
              f"worker index {self.worker_index} must be in 0..{self.num_workers - 1}"),
             (self.resize is None or self.resize >= 1, f"resize {self.resize} must be >= 1"),
@@ -65,6 +70,6 @@ class IngestConfig:
 
     def settings(self) -> dict[str, Any]:
         """What defines the dataset's content (and so the plan id); no paths, no credentials."""
-        keys = ("splits", "shard_size", "shard_bytes", "resize", "validate", "quality", "seed")
+        keys = ("splits", "shard_size", "shard_bytes", "tar_run_bytes", "resize", "validate", "quality", "seed")
         values = asdict(self)
         return {k: list(values[k]) if k == "splits" else values[k] for k in keys}

@@ -12,6 +12,7 @@ EXIT_INPUT = 3          # input missing, unrecognised or inconsistent
 EXIT_OUTPUT = 4         # output location missing, unwritable, or holding a different dataset
 EXIT_INCOMPLETE = 5     # finalize found uncommitted shards / verify found mismatches
 EXIT_INTERRUPTED = 130  # Ctrl-C; rerunning the same command resumes
+EXIT_TERMINATED = 143   # SIGTERM (a pod deleted, evicted or preempted); rerunning resumes
 
 EXIT_CODES = {
     EXIT_OK: "success",
@@ -21,7 +22,12 @@ EXIT_CODES = {
     EXIT_OUTPUT: "output location missing, unwritable or holding a different dataset",
     EXIT_INCOMPLETE: "dataset incomplete (uncommitted shards) or failed verification",
     EXIT_INTERRUPTED: "interrupted; rerun the same command to resume",
+    EXIT_TERMINATED: "stopped by SIGTERM (e.g. its pod was deleted or evicted); rerun the same command to resume",
 }
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt (see cli.run_main)."""
 
 
 class IngestError(Exception):

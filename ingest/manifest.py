@@ -48,6 +48,12 @@ def build_manifest(plan: dict, entries: dict[str, dict]) -> dict:
     }
 
 
+class ShardsNotCommitted(IncompleteError):
+    def __init__(self, message: str, missing: list[str]):
+        super().__init__(message)
+        self.missing = missing
+
+
 def missing_shards(plan: dict, entries: dict[str, dict]) -> list[str]:
     return [n for info in plan["splits"].values() for n in info["shards"] if n not in entries]
 
@@ -61,8 +67,8 @@ def finalize(fs: fsspec.AbstractFileSystem, root: str) -> dict:
     missing = missing_shards(plan, entries)
     if missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-        raise IncompleteError(f"{display(fs, root)}: {len(missing)} shard(s) not committed yet ({shown}); "
-                              "run the missing workers (or rerun) before --finalize")
+        raise ShardsNotCommitted(f"{display(fs, root)}: {len(missing)} shard(s) not committed yet ({shown}); "
+                                 "run the missing workers (or rerun) before --finalize", missing)
     manifest = build_manifest(plan, entries)
     path = f"{root}/{MANIFEST}"
     blob = dump_json(manifest)

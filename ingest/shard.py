@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from . import cli
 from .config import IngestConfig, parse_bytes
-from .errors import EXIT_CODES, IngestError, OutputError
-from .manifest import finalize
+from .errors import EXIT_CODES, IngestError, OutputError, Terminated
+from .manifest import ShardsNotCommitted, finalize
 from .metrics import IngestMetrics
 from .plan import Plan, ShardPlan, make_plan
 from .sources import CHOICES, scan_input, serial_starmap
@@ -41,6 +41,7 @@ class RunReport:
     seconds: float = 0.0
     manifest: dict | None = None
     where: str = ""
+    pending: str = ""       # what --finalize-if-last left to the last worker
 
 
 def run(config: IngestConfig) -> RunReport:
@@ -58,6 +59,12 @@ def run(config: IngestConfig) -> RunReport:
             log.warning("could not push metrics to %s: %s", config.pushgateway, exc)
     if config.finalize or (config.input is not None and config.num_workers == 1):
         report.manifest = finalize(fs, root)
+    elif config.finalize_if_last:
+        # Each worker checks after its own last commit, so the last one to finish sees every shard.
+        try:
+            report.manifest = finalize(fs, root)
+        except ShardsNotCommitted as exc:
+            report.pending = f"{len(exc.missing)} shard(s) not committed"
     report.seconds = time.perf_counter() - started
     return report
 
@@ -76,7 +83,7 @@ def _plan_and_build(config: IngestConfig, source: Location, fs, root: str, runne
     scan = scan_input(source, config.source, config.splits, runner.starmap)
     settings = {"kind": scan.kind, **config.settings()}
     plan = make_plan(scan, seed=config.seed, shard_size=config.shard_size,
-                     shard_bytes=config.shard_bytes, settings=settings)
+                     shard_bytes=config.shard_bytes, run_bytes=config.tar_run_bytes, settings=settings)
     _claim_output(fs, root, plan, {**settings, "input": config.input})
     if config.worker_index == 0:
         metrics.record_listing(plan.problems)
@@ -158,10 +165,17 @@ class ShardRunner:
     def __enter__(self) -> ShardRunner:
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self._pool is not None:
-            # Shards in progress finish and commit; queued ones are dropped.
-            self._pool.shutdown(wait=True, cancel_futures=True)
+    def __exit__(self, exc_type, *exc) -> None:
+        if self._pool is None:
+            return
+        if exc_type is not None and issubclass(exc_type, Terminated):
+            # Stopping now: a shard in flight is never half committed, and a rerun redoes it.
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            for child in multiprocessing.active_children():
+                child.terminate()
+            return
+        # Shards in progress finish and commit; queued ones are dropped.
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 _WORKER: ShardWorker | None = None
@@ -183,6 +197,9 @@ def summary(report: RunReport) -> str:
     lines = [f"dataset {report.where}"]
     if report.manifest is not None:
         lines += _dataset_lines(report.manifest)
+    elif report.pending:
+        lines.append(f"  (not finalized yet: {report.pending}, other workers are still writing; "
+                     "the last worker to finish writes manifest.json)")
     else:
         lines.append("  (not finalized: run with --finalize once every worker is done)")
     lines.append(f"this run: {len(report.written)} shards written ({written_samples} images, {rate:.0f} images/s), "
@@ -223,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     add("--shard-bytes", type=parse_bytes, default=None,
         help="also cut a shard before it exceeds this many bytes, e.g. 500M (estimated from source sizes)")
+    add("--tar-run-bytes", type=parse_bytes, default="4M", metavar="SIZE",
+        help="images stored next to each other in an input tar (the ILSVRC2012 archives) go to a shard in runs "
+             "of up to SIZE (default 4M) and 1/32 of a shard, each read with one request: few large requests from "
+             "object storage, each shard still mixing at least 32 places of the tar; 0: every image on its own")
     add("--processes", type=int, default=os.cpu_count() or 1,
         help="parallel processes on this machine (default: CPU count)")
     add("--num-workers", type=int, default=1, help="number of machines/pods splitting the plan (default 1)")
@@ -231,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
              "Indexed Job, else 0)")
     add("--finalize", action="store_true",
         help="write manifest.json from the committed shards (alone: no --input needed); implied with one worker")
+    add("--finalize-if-last", action="store_true",
+        help="for N workers started at once (a Kubernetes Indexed Job): after its own shards, a worker that finds "
+             "every planned shard committed writes manifest.json; the others exit 0 and leave it to the last one")
     add("--resize", type=int, default=None, metavar="SHORTER_SIDE",
         help="downscale images whose shorter side exceeds this (re-encodes them)")
     add("--validate", default="header", choices=("header", "full"),
@@ -248,8 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> IngestConfig:
     return IngestConfig(
         output=args.output, input=args.input, source=args.source, splits=args.splits,
-        shard_size=args.shard_size, shard_bytes=args.shard_bytes, processes=args.processes,
+        shard_size=args.shard_size, shard_bytes=args.shard_bytes, tar_run_bytes=args.tar_run_bytes, processes=args.processes,
         num_workers=args.num_workers, worker_index=args.worker_index, finalize=args.finalize,
+        finalize_if_last=args.finalize_if_last,
         resize=args.resize, validate=args.validate, quality=args.quality, seed=args.seed,
         storage_options=parse_storage_options(args.storage_option),
         metrics_port=args.metrics_port, pushgateway=args.pushgateway,

@@ -44,10 +44,10 @@ def s3_bucket(s3_endpoint, monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
 
 
-def run_cli(module: str, *args: str, check: bool = False) -> subprocess.CompletedProcess:
-    """`python -m module args` from the repo root, as a user would run it."""
+def run_cli(module: str, *args: str, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m module args` from the repo root, as a user would run it (`env`: changes to the environment)."""
     result = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True,
-                            text=True, env=os.environ.copy(), timeout=600)
+                            text=True, env={**os.environ, **(env or {})}, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"{module} {args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result

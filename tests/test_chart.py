@@ -228,9 +228,9 @@ def test_ingest_release_splits_the_plan_over_an_indexed_job_then_finalizes():
     assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == 8
     [container] = spec["template"]["spec"]["containers"]
     assert container["args"] == ["--input=/raw/ilsvrc2012", "--output=s3://datasets/imagenet", "--num-workers=8",
-                                 "--worker-index=$(JOB_COMPLETION_INDEX)", "--processes=8", "--metrics-port=9400",
-                                 "--resize=320", "--shard-bytes=500M"]
-    assert container["command"][:2] == ["/bin/sh", "-c"] and '"$@" --finalize' in container["command"][2]
+                                 "--worker-index=$(JOB_COMPLETION_INDEX)", "--processes=8", "--finalize-if-last",
+                                 "--metrics-port=9400", "--resize=320", "--shard-bytes=500M"]
+    assert container["command"] == ["python", "-m", "ingest.shard"]
     assert {"name": "raw", "mountPath": "/raw", "readOnly": True} in container["volumeMounts"]
     assert "kubectl -n ml wait --for=condition=complete job/t-trainer-ingest" in notes
 
@@ -462,7 +462,8 @@ def test_rendered_jobs_ingest_then_train_on_local_processes(train_shards, s3_buc
     # Ingest pods one after the other: pod 0 cannot finalize yet and leaves it to pod 1, the last to finish.
     [ingest] = find(objects, "Job", "t-trainer-ingest")["spec"]["template"]["spec"]["containers"]
     first = finish(start_pod(ingest, 0, secrets, tmp_path / "ingest-0.log", own_metrics_port), tmp_path / "ingest-0.log")
-    assert "the last one to finish writes manifest.json" in first
+    assert "(not finalized yet: 5 shard(s) not committed" in first
+    assert "the last worker to finish writes manifest.json" in first
     assert not fs.exists(f"{s3_bucket}/shards/manifest.json")
     finish(start_pod(ingest, 1, secrets, tmp_path / "ingest-1.log", own_metrics_port), tmp_path / "ingest-1.log")
     assert fs.exists(f"{s3_bucket}/shards/manifest.json")
@@ -495,26 +496,6 @@ def test_rendered_jobs_ingest_then_train_on_local_processes(train_shards, s3_buc
     assert fs.exists(f"{s3_bucket}/run/model.keras")
 
 
-def child_processes(pid: int) -> dict[int, str]:
-    """The processes whose parent is `pid`, with their command lines (from /proc)."""
-    found = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found[int(stat.parent.name)] = (stat.parent / "cmdline").read_text().replace("\0", " ")
-        except (OSError, IndexError, ValueError):   # it exited while being read
-            continue
-    return found
-
-
-def running(pid: int) -> bool:
-    """Alive and not a zombie (a reaped pid's /proc entry is gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def connected_to(pid: int, port: int) -> bool:
     """Whether process `pid` holds an established TCP connection to port `port` (IPv4)."""
     sockets = set()
@@ -528,14 +509,14 @@ def connected_to(pid: int, port: int) -> bool:
 
 
 def test_ingest_pod_stops_on_sigterm_and_its_rerun_completes_the_dataset(train_shards, tmp_path, monkeypatch):
-    """Kubernetes stops a pod with SIGTERM to the container's PID 1, the ingest's shell. Pod 1 of 2 gets it
-    while stuck on a stalled object store (its moto_server stopped with SIGSTOP): the shell must pass it to
-    python, wait for it and exit with python's non-zero code. (Here the shell is not PID 1: one that did not
-    trap SIGTERM would die alone and leave python running, which the test sees; as PID 1 it would ignore the
-    signal until the grace period ends.) The replacement pod, the same command, then completes the dataset."""
+    """Kubernetes stops a pod with SIGTERM to the container's PID 1, here python itself, which ignores
+    signals it does not handle. Pod 1 of 2 gets it while stuck on a stalled object store (its moto_server
+    stopped with SIGSTOP): it must exit at once with its documented code, not wait for the grace period's
+    SIGKILL. (Here python is not PID 1: without a handler it would die of the signal, -15, not exit 143.)
+    The replacement pod, the same command, then completes the dataset and writes the manifest."""
     import boto3
 
-    from ingest.errors import EXIT_INTERRUPTED
+    from ingest.errors import EXIT_TERMINATED
 
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
@@ -557,29 +538,20 @@ def test_ingest_pod_stops_on_sigterm_and_its_rerun_completes_the_dataset(train_s
         finish(start_pod(ingest, 0, secrets, logs[0], own_metrics_port), logs[0])   # leaves finalizing to pod 1
 
         store.send_signal(signal.SIGSTOP)
-        pod, python = start_pod(ingest, 1, secrets, logs[1], own_metrics_port), []
+        pod = start_pod(ingest, 1, secrets, logs[1], own_metrics_port)
         try:
             deadline = time.monotonic() + 120
-            while True:   # until python is running and waiting on the object store
+            while not connected_to(pod.pid, port):   # until python is waiting on the object store
                 assert pod.poll() is None and time.monotonic() < deadline, logs[1].read_text()[-3000:]
-                python = [pid for pid, argv in child_processes(pod.pid).items() if "-m ingest.shard" in argv]
-                if python and connected_to(python[0], port):
-                    break
                 time.sleep(0.1)
             pod.send_signal(signal.SIGTERM)
             pod.wait(timeout=60)
-            left_running = running(python[0])   # while the store is stalled: python cannot finish on its own
         finally:
-            for pid in python:
-                if running(pid):
-                    os.kill(pid, signal.SIGKILL)
             if pod.poll() is None:
                 pod.kill()
             store.send_signal(signal.SIGCONT)
-        # The shell's own exit code (not death by the signal): python's, killed by SIGTERM (or its
-        # interrupted code, should it catch the signal). And python is gone, not left running.
-        assert pod.returncode in (128 + signal.SIGTERM, EXIT_INTERRUPTED), (pod.returncode, logs[1].read_text()[-3000:])
-        assert not left_running, "the shell exited and left python running"
+        assert pod.returncode == EXIT_TERMINATED, (pod.returncode, logs[1].read_text()[-3000:])
+        assert "terminated (SIGTERM): committed shards are kept" in logs[1].read_text()
 
         finish(start_pod(ingest, 1, secrets, logs[2], own_metrics_port), logs[2])
         manifest = json.loads(s3.get_object(Bucket="data", Key="shards/manifest.json")["Body"].read())

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 
 from ingest import synth
 from ingest.config import IngestConfig
-from ingest.errors import EXIT_INCOMPLETE, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OUTPUT, EXIT_USAGE
+from ingest.errors import EXIT_INCOMPLETE, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OUTPUT, EXIT_TERMINATED, EXIT_USAGE
 
 from ingest.shard import run
 from ingest.storage import Location
@@ -329,6 +330,59 @@ def test_a_killed_worker_process_fails_the_run_fast(tmp_path):
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 1 and "a worker process died" in stderr and "Traceback" not in stderr
     assert not (out / "manifest.json").exists()
+
+
+def test_sigterm_stops_the_run_and_its_pool_at_once_and_a_rerun_completes(tmp_path):
+    """What Kubernetes sends a pod's PID 1 (python itself in the chart's ingest pods) on deletion or eviction."""
+    source = tmp_path / "tiny"
+    synth.generate(str(source), classes=10, train_per_class=300, val_per_class=2, size=32)
+    out, args = tmp_path / "out", ["--shard-size", "2", "--processes", "2"]
+    process = subprocess.Popen([sys.executable, "-m", "ingest.shard", "--input", str(source), "--output", str(out),
+                                *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    workers: list[int] = []
+    while not workers:   # stop the run once its pool is committing shards
+        assert time.monotonic() < deadline and process.poll() is None, "the run ended before a worker was found"
+        time.sleep(0.002)
+        if (out / "_index").is_dir() and len(os.listdir(out / "_index")) >= 4:
+            workers = pool_workers(process.pid)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == EXIT_TERMINATED, stderr
+    assert "terminated (SIGTERM): committed shards are kept" in stderr and "Traceback" not in stderr
+    time.sleep(0.5)
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "pool workers left running"
+    assert not (out / "manifest.json").exists()
+    rerun = run_cli("ingest.shard", "--input", source, "--output", out, *args, check=True)
+    assert int(re.search(r"(\d+) already committed", rerun.stdout).group(1)) >= 4
+    fresh = tmp_path / "fresh"
+    run_cli("ingest.shard", "--input", source, "--output", fresh, *args, check=True)
+    assert shard_bytes(str(out)) == shard_bytes(str(fresh))
+
+
+def test_finalize_if_last_leaves_the_manifest_to_the_last_worker(tiny, reference, tmp_path):
+    out = tmp_path / "out"
+    workers = [["--num-workers", "3", "--worker-index", str(i), "--finalize-if-last", "--processes", "1"]
+               for i in range(3)]
+    for worker in workers[:2]:
+        result = ingest(tiny[1], out, *worker)
+        assert result.returncode == 0 and "(not finalized yet: " in result.stdout
+        assert "the last worker to finish writes manifest.json" in result.stdout
+        assert not (out / "manifest.json").exists()
+    last = ingest(tiny[1], out, *workers[2])
+    assert "(not finalized" not in last.stdout and "train: " in last.stdout
+    assert shard_bytes(str(out)) == reference
+    again = ingest(tiny[1], out, *workers[0])   # a replaced pod that runs again: nothing rewritten
+    assert again.returncode == 0 and "0 shards written" in again.stdout
+    assert shard_bytes(str(out)) == reference
+
+
+def test_finalize_if_last_is_a_workers_mode():
+    cases = {("--finalize-if-last",): "--input is required",
+             ("--input", "y", "--finalize", "--finalize-if-last"): "--finalize and --finalize-if-last exclude each other"}
+    for args, message in cases.items():
+        result = run_cli("ingest.shard", "--output", "x", *args)
+        assert result.returncode == EXIT_USAGE and message in result.stderr.splitlines()[-1]
 
 
 def test_metrics_served_during_the_run_match_the_manifest(tiny, tmp_path):

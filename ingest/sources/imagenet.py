@@ -21,6 +21,7 @@ import tarfile
 import fsspec
 
 from ..errors import InputError
+from ..reader import RangeFile
 from .base import (Problem, Sample, Scan, SourceType, StarMap, class_table, is_text, join, key_from_name, printable,
                    serial_starmap)
 
@@ -85,30 +86,48 @@ def _parse_meta(path: str, blob: bytes) -> tuple[dict[int, str], dict[str, str]]
 
 def scan(fs: fsspec.AbstractFileSystem, root: str, splits: tuple[str, ...],
          starmap: StarMap = serial_starmap) -> Scan:
-    """The tar walk is one sequential pass over headers, so `starmap` is not used."""
+    """The outer train tar's headers are walked here (one small read per class archive); the
+    class archives and the val tar are then walked in parallel through `starmap`."""
     devkit_path = join(root, DEVKIT)
     devkit = Devkit(fs, devkit_path) if fs.isfile(devkit_path) else None
+    if "val" in splits and devkit is None:
+        raise InputError(f"{devkit_path}: missing (the val labels come from it)")
     result = Scan("imagenet", [], {})
-    train = _list_train(fs, join(root, TRAIN_TAR), result.problems) if "train" in splits else None
+    train_path, val_path = join(root, TRAIN_TAR), join(root, VAL_TAR)
+    archives = _class_archives(fs, train_path, result.problems) if "train" in splits else []
+    tasks = [(fs, val_path, 0, _size(fs, val_path), "val", VAL_TAR)] if "val" in splits else []
+    tasks += [(fs, train_path, start, end, "train", f"{TRAIN_TAR}/{printable(name)}") for name, start, end in archives]
+    walks = starmap(walk_tar, tasks)
+    val_walk = walks.pop(0) if "val" in splits else None
+    train = {}
+    for (name, _, _), (images, problems, error) in zip(archives, walks):
+        result.problems += problems
+        if error:
+            result.problems.append(Problem("train", f"{TRAIN_TAR}/{printable(name)}", "unreadable",
+                                           f"not a readable tar after {len(images)} images ({error}); "
+                                           "the rest is skipped"))
+        train[name.rsplit("/", 1)[-1].removesuffix(".tar")] = images
     if devkit is not None:
         wnids, names = list(devkit.id_to_wnid.values()), devkit.names
-    elif train is not None:
-        wnids, names = sorted(train), {}
     else:
-        raise InputError(f"{devkit_path}: missing (the val labels come from it)")
+        wnids, names = sorted(train), {}
     result.classes, index = class_table(wnids, names)
-    if train is not None:
-        result.splits["train"] = _label_train(train, index, join(root, TRAIN_TAR))
-    if "val" in splits:
-        if devkit is None:
-            raise InputError(f"{devkit_path}: missing (the val labels come from it)")
-        result.splits["val"] = _list_val(fs, join(root, VAL_TAR), devkit, index, result.problems)
+    if "train" in splits:
+        result.splits["train"] = _label_train(train, index, train_path)
+    if val_walk is not None:
+        result.splits["val"] = _label_val(val_walk, val_path, devkit, index, result.problems)
     return result
 
 
-def _require(fs, path: str) -> None:
-    if not fs.isfile(path):
+def _size(fs, path: str) -> int:
+    """The size of an archive that must be there."""
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        info = {"type": None}
+    if info["type"] != "file":
         raise InputError(f"{path}: missing")
+    return int(info["size"])
 
 
 def _member_problem(member: tarfile.TarInfo) -> tuple[str, str] | None:
@@ -133,43 +152,39 @@ def _members(archive: tarfile.TarFile, split: str, prefix: str, problems: list[P
             yield member
 
 
-def _open_tar(fs, path: str):
-    _require(fs, path)
-    handle = fs.open(path, "rb")
-    try:
-        return handle, tarfile.open(fileobj=handle, mode="r:")
-    except tarfile.TarError as exc:
-        handle.close()
-        raise InputError(f"{path}: not a readable tar ({exc}); an incomplete download?") from None
+# The outer train tar holds one member per class, each ~140 MB: one small read per header.
+_OUTER_CHUNK = 64 << 10
 
 
-def _list_train(fs, path: str, problems: list[Problem]) -> dict[str, list[tuple[str, int, int]]]:
-    """wnid -> [(member name, absolute offset, size)] for every image in the tar of tars."""
-    handle, outer = _open_tar(fs, path)
-    per_class: dict[str, list[tuple[str, int, int]]] = {}
-    with handle, outer:
+def _class_archives(fs, path: str, problems: list[Problem]) -> list[tuple[str, int, int]]:
+    """(member name, start, end) of every class archive in the train tar of tars."""
+    found = []
+    with RangeFile(fs, path, 0, _size(fs, path), chunk=_OUTER_CHUNK) as handle:
         try:
-            for member in _members(outer, "train", TRAIN_TAR, problems):
-                wnid = member.name.rsplit("/", 1)[-1].removesuffix(".tar")
-                per_class[wnid] = _list_class(outer, member, problems)
+            with tarfile.open(fileobj=handle, mode="r:") as outer:
+                for member in _members(outer, "train", TRAIN_TAR, problems):
+                    found.append((member.name, member.offset_data, member.offset_data + member.size))
         except tarfile.TarError as exc:   # an incomplete download: better redone than half used
             raise InputError(f"{path}: not a readable tar ({exc}); an incomplete download?") from None
-    return per_class
+    return found
 
 
-def _list_class(outer: tarfile.TarFile, member: tarfile.TarInfo, problems: list[Problem]) -> list[tuple[str, int, int]]:
-    prefix = f"{TRAIN_TAR}/{printable(member.name)}"
+def walk_tar(fs, path: str, start: int, end: int, split: str,
+             prefix: str) -> tuple[list[tuple[str, int, int]], list[Problem], str | None]:
+    """The regular files of the tar at bytes [start, end) of `path`: ([(name, absolute offset,
+    size)], problems, None), or with the error that ended the walk early as its last item."""
     images: list[tuple[str, int, int]] = []
-    try:
-        with tarfile.open(fileobj=outer.extractfile(member), mode="r:") as inner:
-            for m in _members(inner, "train", prefix, problems):
-                if m.offset_data + m.size > member.size:
-                    raise tarfile.ReadError(f"member {m.name} runs past the end")
-                images.append((m.name, member.offset_data + m.offset_data, m.size))
-    except tarfile.TarError as exc:
-        problems.append(Problem("train", prefix, "unreadable",
-                                f"not a readable tar after {len(images)} images ({exc}); the rest is skipped"))
-    return images
+    problems: list[Problem] = []
+    with RangeFile(fs, path, start, end) as handle:
+        try:
+            with tarfile.open(fileobj=handle, mode="r:") as archive:
+                for m in _members(archive, split, prefix, problems):
+                    if start + m.offset_data + m.size > end:
+                        raise tarfile.ReadError(f"member {printable(m.name)} runs past the end")
+                    images.append((m.name, start + m.offset_data, m.size))
+        except tarfile.TarError as exc:
+            return images, problems, str(exc)
+    return images, problems, None
 
 
 def _label_train(train: dict, index: dict[str, int], path: str) -> list[Sample]:
@@ -183,19 +198,14 @@ def _label_train(train: dict, index: dict[str, int], path: str) -> list[Sample]:
     return samples
 
 
-def _list_val(fs, path: str, devkit: Devkit, index: dict[str, int], problems: list[Problem]) -> list[Sample]:
-    handle, archive = _open_tar(fs, path)
-    samples, listed_before = [], len(problems)
-    with handle, archive:
-        try:
-            for member in _members(archive, "val", VAL_TAR, problems):
-                sample = _val_sample(member, path, devkit, index, problems)
-                if sample is not None:
-                    samples.append(sample)
-        except tarfile.TarError as exc:
-            raise InputError(f"{path}: not a readable tar ({exc}); an incomplete download?") from None
-    # A member listed as a problem above is not missing as well.
-    sources = [s.source for s in samples] + [p.source for p in problems[listed_before:]]
+def _label_val(walk: tuple, path: str, devkit: Devkit, index: dict[str, int], problems: list[Problem]) -> list[Sample]:
+    members, walk_problems, error = walk
+    if error:
+        raise InputError(f"{path}: not a readable tar ({error}); an incomplete download?")
+    problems += walk_problems
+    samples = [s for s in (_val_sample(m, path, devkit, index, problems) for m in members) if s is not None]
+    # A member listed as a problem while walking is not missing as well.
+    sources = [s.source for s in samples] + [p.source for p in walk_problems]
     found = {_position(key_from_name(source)) for source in sources}
     for position in sorted(set(range(len(devkit.val_ids))) - found):
         problems.append(Problem("val", f"{VAL_TAR}/ILSVRC2012_val_{position + 1:08d}.JPEG", "missing_file",
@@ -209,10 +219,11 @@ def _position(key: str) -> int:
     return int(number.group(1)) - 1 if number else -1
 
 
-def _val_sample(member: tarfile.TarInfo, path: str, devkit: Devkit, index: dict[str, int],
+def _val_sample(member: tuple[str, int, int], path: str, devkit: Devkit, index: dict[str, int],
                 problems: list[Problem]) -> Sample | None:
-    key = key_from_name(member.name)
-    source = f"{VAL_TAR}/{member.name}"
+    name, offset, size = member
+    key = key_from_name(name)
+    source = f"{VAL_TAR}/{name}"
     position = _position(key)
     if not 0 <= position < len(devkit.val_ids):
         problems.append(Problem("val", source, "no_label", "no line in the devkit ground truth"))
@@ -221,7 +232,7 @@ def _val_sample(member: tarfile.TarInfo, path: str, devkit: Devkit, index: dict[
     if wnid is None:
         raise InputError(f"{devkit.path}: ground truth line {position + 1} names ILSVRC2012_ID "
                          f"{devkit.val_ids[position]}, which is not a class in data/meta.mat")
-    return Sample(key, index[wnid], source, member.size, path, start=member.offset_data)
+    return Sample(key, index[wnid], source, size, path, start=offset)
 
 
 SOURCE = SourceType(
