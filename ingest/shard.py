@@ -80,6 +80,7 @@ def _run_worker(config: IngestConfig, output: Location, fs, root: str, report: R
 def _plan_and_build(config: IngestConfig, source: Location, fs, root: str, runner: ShardRunner,
                     report: RunReport, metrics: IngestMetrics) -> None:
     log.info("listing %s", config.input)
+    started = time.perf_counter()
     scan = scan_input(source, config.source, config.splits, runner.starmap)
     settings = {"kind": scan.kind, **config.settings()}
     plan = make_plan(scan, seed=config.seed, shard_size=config.shard_size,
@@ -91,8 +92,9 @@ def _plan_and_build(config: IngestConfig, source: Location, fs, root: str, runne
     committed = load_committed(fs, root, plan.plan_id)
     todo = [shard for shard in mine if shard.name not in committed]
     report.skipped = len(mine) - len(todo)
-    log.info("%s: %d classes, %d shards planned, %d for this worker, %d already committed",
-             scan.kind, len(plan.classes), len(plan.shards), len(mine), report.skipped)
+    log.info("%s: %d classes, %d shards planned, %d for this worker, %d already committed "
+             "(listed and planned in %.1f s)", scan.kind, len(plan.classes), len(plan.shards), len(mine),
+             report.skipped, time.perf_counter() - started)
     report.written = _build_all(todo, runner, plan.plan_id, metrics)
 
 

@@ -271,7 +271,7 @@ def test_sigkill_through_s3_then_rerun_gives_the_planned_dataset(point, target, 
                                                                  s3_endpoint):
     out = s3_url(s3_bucket, "crash")
     if point == "stall":
-        stall_and_kill(s3_endpoint, target, shard_args(tiny, out))
+        stall_and_kill(s3_endpoint, rf"/{target.replace('.', '[.]')}$", shard_args(tiny, out))
     else:
         crash(point, target, *shard_args(tiny, out))
     final = visible_objects_are_complete(out, reference)
@@ -284,9 +284,10 @@ def test_sigkill_through_s3_then_rerun_gives_the_planned_dataset(point, target, 
     assert shard_bytes(out) == reference
 
 
-def stall_and_kill(s3_endpoint: str, target: str, ingest_args: list[str]) -> None:
-    """SIGKILL the ingest while the proxy holds its PUT of `target`, half of the body received."""
-    rules = [Rule("stall", "PUT", rf"/{target.replace('.', '[.]')}$")]
+def stall_and_kill(s3_endpoint: str, path: str, ingest_args: list[str], method: str = "PUT", skip: int = 0) -> None:
+    """SIGKILL the ingest while the proxy holds a request for `path` (a regex; of a PUT, half of the
+    body received), the `skip`+1-th such request."""
+    rules = [Rule("stall", method, path, skip=skip)]
     with fault_proxy(s3_endpoint, rules) as proxy:
         process = subprocess.Popen(command("ingest.shard", *ingest_args), cwd=REPO, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL, env={**os.environ, "AWS_ENDPOINT_URL": proxy.url})
@@ -334,6 +335,78 @@ def test_two_workers_with_the_same_index_at_once_through_s3(tiny, reference, s3_
     assert run("ingest.shard", "--output", out, "--finalize").returncode == 0
     assert shard_bytes(out) == reference
     assert run("ingest.verify", out).stdout.startswith("ok:")
+
+
+# --------------------------------------------------------------------------- crashes, input in a bucket
+
+
+@pytest.fixture(scope="module")
+def ilsvrc(tmp_path_factory):
+    """A small ILSVRC2012 download with quirks (its images are byte ranges of the tars)."""
+    path = tmp_path_factory.mktemp("ilsvrc") / "ilsvrc"
+    synth.generate(str(path), layout="imagenet", classes=4, train_per_class=8, val_per_class=3, size=32, seed=4,
+                   quirks=True)
+    return path
+
+
+@pytest.fixture
+def ilsvrc_s3(ilsvrc, s3_bucket):
+    """(the download uploaded to the bucket, every object of a clean run from there)."""
+    fs, _ = fsspec.core.url_to_fs(f"s3://{s3_bucket}")
+    fs.put(f"{ilsvrc}/", f"{s3_bucket}/raw", recursive=True)
+    raw, clean = s3_url(s3_bucket, "raw"), s3_url(s3_bucket, "clean")
+    assert run("ingest.shard", *shard_args(raw, clean)).returncode == 0
+    return raw, shard_bytes(clean)
+
+
+@pytest.mark.parametrize("point, target", [
+    ("stall-read", "ILSVRC2012_img_train.tar"),   # killed while a ranged read of the train tar is in flight
+    ("stall", "train-000002.tar"),
+    ("before-index", "train-000002.tar"),
+    ("before-manifest", "manifest.json"),
+])
+def test_sigkill_with_the_input_in_a_bucket_then_rerun_gives_the_planned_dataset(point, target, ilsvrc_s3, s3_bucket,
+                                                                                 s3_endpoint):
+    raw, reference = ilsvrc_s3
+    out = s3_url(s3_bucket, "clean")   # the same input and output names as the clean run: the same bytes
+    s3fs_rm(out)
+    if point == "stall-read":
+        # The 10th read of the train tar: listing is done (it reads it in a few requests) and shards are being built.
+        stall_and_kill(s3_endpoint, rf"/raw/{target}$", shard_args(raw, out), method="GET", skip=9)
+    elif point == "stall":
+        stall_and_kill(s3_endpoint, rf"/{target.replace('.', '[.]')}$", shard_args(raw, out))
+    else:
+        crash(point, target, *shard_args(raw, out))
+    final = visible_objects_are_complete(out, reference)
+    assert "manifest.json" not in final
+    if point == "stall-read":   # killed while building, some shards committed already
+        assert [name for name in final if name.startswith("_index/train-")], sorted(final)
+    rerun = run("ingest.shard", *shard_args(raw, out))
+    assert rerun.returncode == 0, rerun.stderr
+    assert shard_bytes(out) == reference
+
+
+def test_pods_with_the_input_in_a_bucket_one_killed_and_replaced(ilsvrc_s3, s3_bucket, s3_endpoint):
+    """The chart's ingest: two pods with --finalize-if-last, input and output in the bucket; pod 0 is killed
+    mid-read, pod 1 finishes (and leaves the manifest to pod 0), pod 0's replacement finishes and finalizes."""
+    raw, reference = ilsvrc_s3
+    out = s3_url(s3_bucket, "clean")
+    s3fs_rm(out)
+    pod = [shard_args(raw, out, "--num-workers", "2", "--worker-index", str(i), "--finalize-if-last") for i in (0, 1)]
+    stall_and_kill(s3_endpoint, r"/raw/ILSVRC2012_img_train\.tar$", pod[0], method="GET", skip=9)
+    assert [name for name in shard_bytes(out) if name.startswith("_index/train-")]
+    second = run("ingest.shard", *pod[1])
+    assert second.returncode == 0 and "(not finalized yet: " in second.stdout, second.stderr
+    replaced = run("ingest.shard", *pod[0])
+    assert replaced.returncode == 0 and "(not finalized" not in replaced.stdout, replaced.stderr
+    assert shard_bytes(out) == reference
+    assert run("ingest.verify", out).stdout.startswith("ok:")
+
+
+def s3fs_rm(url: str) -> None:
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.rm(root, recursive=True)
+    fs.invalidate_cache()
 
 
 # --------------------------------------------------------------------------- the crash wrapper
