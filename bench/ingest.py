@@ -184,7 +184,7 @@ def _s3(stack: ExitStack, bucket: str = "bench") -> str:
     import boto3
 
     if "AWS_ENDPOINT_URL" not in os.environ:
-        endpoint = stack.enter_context(moto_server())
+        endpoint = stack.enter_context(moto_server(ranged=True))
         os.environ.update({**S3_TEST_ENV, "AWS_ENDPOINT_URL": endpoint})
     client = boto3.client("s3")
     if bucket not in {b["Name"] for b in client.list_buckets()["Buckets"]}:

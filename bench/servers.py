@@ -48,11 +48,13 @@ def local_server(command: list[str], ready_url: str, timeout: float = 30.0) -> I
 
 
 @contextlib.contextmanager
-def moto_server(timeout: float = 30.0) -> Iterator[str]:
-    """Start moto_server (from the moto[server] extra, beside this Python) and yield its endpoint URL."""
+def moto_server(timeout: float = 30.0, ranged: bool = False) -> Iterator[str]:
+    """Start moto_server (from the moto[server] extra, beside this Python) and yield its endpoint URL.
+    `ranged`: bench.moto_ranged's, which serves a ranged GET without reading the whole object."""
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    command = [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    server = [sys.executable, "-m", "bench.moto_ranged"] if ranged else [str(Path(sys.executable).parent / "moto_server")]
+    command = [*server, "-H", "127.0.0.1", "-p", str(port)]
     with local_server(command, f"{endpoint}/moto-api/", timeout):
         yield endpoint
 
