@@ -18,7 +18,10 @@ def parse_bytes(text: str) -> int:
     match = _SIZE.match(text)
     if not match:
         raise ValueError(f"byte size {text!r} not understood; use e.g. 500M, 2G or a number of bytes")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if value != int(value):
+        raise ValueError(f"byte size {text!r} is not a whole number of bytes")
+    return int(value)
 
 
 @dataclass

@@ -146,8 +146,11 @@ class ShardRunner:
         """[fn(*a) for a in args], in the pool when there is one (used for listing the input)."""
         if self._pool is None or not args:
             return serial_starmap(fn, args)
-        chunks = max(1, len(args) // (8 * self._processes))
-        return list(self._guard(self._pool.map(fn, *zip(*args), chunksize=chunks)))
+        size = max(1, len(args) // (8 * self._processes))
+        # submit, not map: map cancels its futures when interrupted, and the executor then fails
+        # setting BrokenProcessPool on them once SIGTERM stopped the workers (CPython 3.11).
+        futures = [self._pool.submit(_run_chunk, fn, args[i:i + size]) for i in range(0, len(args), size)]
+        return [result for chunk in self._guard(f.result() for f in futures) for result in chunk]
 
     def results(self, todo: list, plan_id: str) -> Iterator[dict]:
         """Index entries of the committed shards, in completion order."""
@@ -172,7 +175,7 @@ class ShardRunner:
             return
         if exc_type is not None and issubclass(exc_type, Terminated):
             # Stopping now: a shard in flight is never half committed, and a rerun redoes it.
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=False)
             for child in multiprocessing.active_children():
                 child.terminate()
             return
@@ -187,6 +190,10 @@ def _init_process(*worker_args) -> None:
     global _WORKER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     _WORKER = ShardWorker(*worker_args)
+
+
+def _run_chunk(fn, args: list[tuple]) -> list:
+    return [fn(*a) for a in args]
 
 
 def _process_shard(shard: ShardPlan, plan_id: str) -> dict:
@@ -240,12 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--splits", default="train,val", type=lambda s: tuple(p.strip() for p in s.split(",")),
         help="comma-separated splits to convert (default train,val; 'test' is unlabelled)")
     add("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-    add("--shard-bytes", type=parse_bytes, default=None,
+    add("--shard-bytes", type=_bytes_arg, default=None,
         help="also cut a shard before it exceeds this many bytes, e.g. 500M (estimated from source sizes)")
-    add("--tar-run-bytes", type=parse_bytes, default="4M", metavar="SIZE",
+    add("--tar-run-bytes", type=_bytes_arg, default="4M", metavar="SIZE",
         help="images stored next to each other in an input tar (the ILSVRC2012 archives) go to a shard in runs "
-             "of up to SIZE (default 4M) and 1/32 of a shard, each read with one request: few large requests from "
-             "object storage, each shard still mixing at least 32 places of the tar; 0: every image on its own")
+             "of up to SIZE (default 4M) or 1/32 of a shard, whichever is smaller, each read with one request: few "
+             "large requests from object storage, each shard still mixing at least 32 places of the tar; 0: every "
+             "image on its own")
     add("--processes", type=int, default=os.cpu_count() or 1,
         help="parallel processes on this machine (default: CPU count)")
     add("--num-workers", type=int, default=1, help="number of machines/pods splitting the plan (default 1)")
@@ -269,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--pushgateway", metavar="URL", help="push the final counts to this Prometheus Pushgateway at the end")
     add("--log-level", default="INFO", choices=cli.LOG_LEVELS, help="logging level (default INFO)")
     return parser
+
+
+def _bytes_arg(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:   # argparse shows an ArgumentTypeError's own words
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def config_from_args(args: argparse.Namespace) -> IngestConfig:

@@ -22,6 +22,7 @@ import fsspec
 
 from ..errors import InputError
 from ..reader import RangeFile
+from ..storage import display
 from .base import (Problem, Sample, Scan, SourceType, StarMap, class_table, is_text, join, key_from_name, printable,
                    serial_starmap)
 
@@ -91,7 +92,7 @@ def scan(fs: fsspec.AbstractFileSystem, root: str, splits: tuple[str, ...],
     devkit_path = join(root, DEVKIT)
     devkit = Devkit(fs, devkit_path) if fs.isfile(devkit_path) else None
     if "val" in splits and devkit is None:
-        raise InputError(f"{devkit_path}: missing (the val labels come from it)")
+        raise InputError(f"{display(fs, devkit_path)}: missing (the val labels come from it)")
     result = Scan("imagenet", [], {})
     train_path, val_path = join(root, TRAIN_TAR), join(root, VAL_TAR)
     archives = _class_archives(fs, train_path, result.problems) if "train" in splits else []
@@ -115,7 +116,7 @@ def scan(fs: fsspec.AbstractFileSystem, root: str, splits: tuple[str, ...],
     if "train" in splits:
         result.splits["train"] = _label_train(train, index, train_path)
     if val_walk is not None:
-        result.splits["val"] = _label_val(val_walk, val_path, devkit, index, result.problems)
+        result.splits["val"] = _label_val(val_walk, val_path, display(fs, val_path), devkit, index, result.problems)
     return result
 
 
@@ -126,7 +127,7 @@ def _size(fs, path: str) -> int:
     except FileNotFoundError:
         info = {"type": None}
     if info["type"] != "file":
-        raise InputError(f"{path}: missing")
+        raise InputError(f"{display(fs, path)}: missing")
     return int(info["size"])
 
 
@@ -165,7 +166,7 @@ def _class_archives(fs, path: str, problems: list[Problem]) -> list[tuple[str, i
                 for member in _members(outer, "train", TRAIN_TAR, problems):
                     found.append((member.name, member.offset_data, member.offset_data + member.size))
         except tarfile.TarError as exc:   # an incomplete download: better redone than half used
-            raise InputError(f"{path}: not a readable tar ({exc}); an incomplete download?") from None
+            raise InputError(f"{display(fs, path)}: not a readable tar ({exc}); an incomplete download?") from None
     return found
 
 
@@ -198,10 +199,11 @@ def _label_train(train: dict, index: dict[str, int], path: str) -> list[Sample]:
     return samples
 
 
-def _label_val(walk: tuple, path: str, devkit: Devkit, index: dict[str, int], problems: list[Problem]) -> list[Sample]:
+def _label_val(walk: tuple, path: str, where: str, devkit: Devkit, index: dict[str, int],
+               problems: list[Problem]) -> list[Sample]:
     members, walk_problems, error = walk
     if error:
-        raise InputError(f"{path}: not a readable tar ({error}); an incomplete download?")
+        raise InputError(f"{where}: not a readable tar ({error}); an incomplete download?")
     problems += walk_problems
     samples = [s for s in (_val_sample(m, path, devkit, index, problems) for m in members) if s is not None]
     # A member listed as a problem while walking is not missing as well.
