@@ -312,20 +312,25 @@ def pool_workers(parent: int) -> list[int]:
     return found
 
 
-def test_a_killed_worker_process_fails_the_run_fast(tmp_path):
-    source = tmp_path / "tiny"
-    synth.generate(str(source), classes=10, train_per_class=300, val_per_class=2, size=32)
-    out = tmp_path / "out"
+def start_committing(source, out, args: list[str]) -> tuple[subprocess.Popen, list[int]]:
+    """Start an ingest with a pool; return it and its pool workers once shards are being committed."""
     process = subprocess.Popen([sys.executable, "-m", "ingest.shard", "--input", str(source), "--output", str(out),
-                                "--shard-size", "2", "--processes", "2"], cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     workers: list[int] = []
-    while not workers:   # kill a pool worker once shards are being committed
+    while not workers:
         assert time.monotonic() < deadline and process.poll() is None, "the run ended before a worker was found"
         time.sleep(0.002)
         if (out / "_index").is_dir() and len(os.listdir(out / "_index")) >= 4:
             workers = pool_workers(process.pid)
+    return process, workers
+
+
+def test_a_killed_worker_process_fails_the_run_fast(tmp_path):
+    source = tmp_path / "tiny"
+    synth.generate(str(source), classes=10, train_per_class=300, val_per_class=2, size=32)
+    out = tmp_path / "out"
+    process, workers = start_committing(source, out, ["--shard-size", "2", "--processes", "2"])
     os.kill(workers[0], signal.SIGKILL)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 1 and "a worker process died" in stderr and "Traceback" not in stderr
@@ -337,15 +342,7 @@ def test_sigterm_stops_the_run_and_its_pool_at_once_and_a_rerun_completes(tmp_pa
     source = tmp_path / "tiny"
     synth.generate(str(source), classes=10, train_per_class=300, val_per_class=2, size=32)
     out, args = tmp_path / "out", ["--shard-size", "2", "--processes", "2"]
-    process = subprocess.Popen([sys.executable, "-m", "ingest.shard", "--input", str(source), "--output", str(out),
-                                *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    workers: list[int] = []
-    while not workers:   # stop the run once its pool is committing shards
-        assert time.monotonic() < deadline and process.poll() is None, "the run ended before a worker was found"
-        time.sleep(0.002)
-        if (out / "_index").is_dir() and len(os.listdir(out / "_index")) >= 4:
-            workers = pool_workers(process.pid)
+    process, workers = start_committing(source, out, args)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == EXIT_TERMINATED, stderr
