@@ -149,15 +149,21 @@ class ShardRunner:
         size = max(1, len(args) // (8 * self._processes))
         # submit, not map: map cancels its futures when interrupted, and the executor then fails
         # setting BrokenProcessPool on them once SIGTERM stopped the workers (CPython 3.11).
-        futures = [self._pool.submit(_run_chunk, fn, args[i:i + size]) for i in range(0, len(args), size)]
-        return [result for chunk in self._guard(f.result() for f in futures) for result in chunk]
+        chunks = self._guard(self._submitted(_run_chunk, [(fn, args[i:i + size]) for i in range(0, len(args), size)]))
+        return [result for chunk in chunks for result in chunk]
 
     def results(self, todo: list, plan_id: str) -> Iterator[dict]:
         """Index entries of the committed shards, in completion order."""
         if self._pool is None:
             return (self._worker(shard, plan_id) for shard in todo)
-        futures = [self._pool.submit(_process_shard, shard, plan_id) for shard in todo]
-        return self._guard(future.result() for future in as_completed(futures))
+        return self._guard(self._submitted(_process_shard, [(shard, plan_id) for shard in todo], as_completed))
+
+    def _submitted(self, fn, args: list[tuple], order=list) -> Iterator:
+        """fn(*a) for each of args in the pool, results in `order` of the futures. A generator, so
+        that a pool broken while tasks are still being submitted fails inside `_guard` too."""
+        futures = [self._pool.submit(fn, *a) for a in args]
+        for future in order(futures):
+            yield future.result()
 
     @staticmethod
     def _guard(results: Iterator) -> Iterator:
