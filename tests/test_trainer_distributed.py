@@ -40,6 +40,7 @@ def test_two_workers_keep_identical_weights_and_exact_eval(shards, tmp_path):
     assert first == pytest.approx(second, rel=1e-6)
     assert ranks[0]["distributed_eval"] == ranks[1]["distributed_eval"]
     assert ranks[0]["distributed_eval"] == pytest.approx(ranks[0]["alone_eval"], abs=1e-6)
+    assert ranks[0]["dropout_outputs_differ"] and ranks[1]["dropout_outputs_differ"]
 
 
 def test_train_cli_writes_config_model_and_results(shards, tmp_path):

@@ -14,6 +14,9 @@ from .augment import AugmentConfig
 from .models import ModelConfig
 
 OPTIMIZERS = ("adam", "sgd")
+# Settings a rerun may change and still resume: extend a run, change when it stops early, where it
+# serves metrics, how its output is spelled (another mount of the same place).
+RESUMABLE = frozenset({"epochs", "early_stopping_patience", "metrics_port", "output"})
 
 
 @dataclass
@@ -31,7 +34,8 @@ class TrainConfig:
     early_stopping_patience: int | None = None  # epochs without a better val top-5
     shuffle_buffer: int = 10_000
     mixed_precision: bool = False
-    seed: int = 0
+    seed: int = 0                               # of weights, data order, augmentation and dropout
+    deterministic: bool = False                 # same seed -> same weights and metrics (slower)
     metrics_port: int | None = None
 
     def __post_init__(self) -> None:
@@ -52,6 +56,14 @@ class TrainConfig:
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def differences(self, saved: dict[str, Any]) -> list[str]:
+        """The settings, as 'name: saved -> now', in which this config differs from a checkpoint's
+        (the JSON of its config), ignoring those a resumed run may change."""
+        now, before = _flatten(self.to_json()), _flatten(TrainConfig.from_json(saved).to_json())
+        return [f"{_SHOWN.get(name, name.replace('_', '-'))} {before.get(name)} -> {now.get(name)}"
+                for name in sorted(now.keys() | before.keys())
+                if name not in RESUMABLE and now.get(name) != before.get(name)]
+
     @classmethod
     def from_json(cls, values: dict[str, Any]) -> TrainConfig:
         values = dict(values)
@@ -63,6 +75,19 @@ class TrainConfig:
             if key in augment:
                 augment[key] = tuple(augment[key])
         return cls(model=ModelConfig(**model), augment=AugmentConfig(**augment), **values)
+
+
+_SHOWN = {"model.name": "model", "model.dropout": "dropout", "augment.enabled": "augment"}
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
 
 
 # The study's four runs (model x augmentation, its dropouts, early stopping on val top-5).

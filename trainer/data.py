@@ -29,6 +29,7 @@ import tensorflow as tf
 from ingest.manifest import load_manifest
 from ingest.storage import Location
 
+from . import randomness
 from .augment import AugmentConfig, eval_image, train_image
 from .shards import ReadStats, ShardSource
 
@@ -143,10 +144,25 @@ class Dataset:
         return self._split(split)["samples"]
 
     def steps_per_epoch(self, size: int) -> int:
+        """Nominal steps of an epoch (the LR schedule counts in these): the split over global batches."""
         steps = self.samples("train") // (self.config.batch_size * size)
         if steps < 1:
             raise ValueError(f"train split has {self.samples('train')} samples, fewer than one global batch "
                              f"({self.config.batch_size} x {size} ranks)")
+        return steps
+
+    def steps_in_epoch(self, epoch: int, size: int) -> int:
+        """The steps every rank runs in `epoch`: the smallest rank's share in whole batches (shares
+        differ by up to a shard), so no rank runs dry and hangs an allreduce; each rank drops the
+        rest of its share, a different remainder each epoch as the order is reshuffled."""
+        counts = {shard["name"]: shard["samples"] for shard in self._split("train")["shards"]}
+        shares = [sum(len(range(part, counts[name], parts))
+                      for name, part, parts in assign_shards(list(counts), epoch, self.config.seed, rank, size))
+                  for rank in range(size)]
+        steps = min(shares) // self.config.batch_size
+        if steps < 1:
+            raise ValueError(f"in epoch {epoch} a rank's share of the train split is {min(shares)} samples, fewer "
+                             f"than one batch ({self.config.batch_size}); use a smaller --batch-size or fewer ranks")
         return steps
 
     def _split(self, split: str) -> dict:
@@ -203,30 +219,38 @@ class Dataset:
         ending = tf.data.Dataset.from_generator(end, output_signature=batches.element_spec)
         return batches.concatenate(ending).prefetch(AUTOTUNE)
 
-    def train(self, rank: int = 0, size: int = 1, start_epoch: int = 0) -> tf.data.Dataset:
-        """Infinite stream of (images [batch, s, s, 3] float32, labels [batch] int32) for this rank."""
+    def train(self, rank: int = 0, size: int = 1, start_epoch: int = 0, end_epoch: int | None = None) -> tf.data.Dataset:
+        """(images [batch, s, s, 3] float32, labels [batch] int32) for this rank, epochs `start_epoch`
+        up to `end_epoch` (default: one epoch), each exactly `steps_in_epoch` batches of one pass over
+        this rank's share. Epoch e's order and augmentation depend only on (seed, rank, e), so a run
+        resumed at epoch e reads what the uninterrupted run read."""
         names = self._shard_names("train")
         if not names:
             raise ValueError("the dataset's train split has no shards")
-        seed = self.config.seed
-
-        def epochs() -> Iterator[tuple[str, int, int]]:
-            epoch = start_epoch
-            while not self.source.failure:
-                yield from assign_shards(names, epoch, seed, rank, size)
-                epoch += 1
-
-        assignments = tf.data.Dataset.from_generator(
-            epochs, output_signature=(tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int32),
-                                      tf.TensorSpec([], tf.int32)))
+        end_epoch = start_epoch + 1 if end_epoch is None else end_epoch
+        seed, batch = self.config.seed, self.config.batch_size
+        signature = (tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int32))
         drops = DecodeDrops(self.source.stats)
-        samples = self._stream(assignments, True, drops).shuffle(
-            self.config.shuffle_buffer, seed=seed + rank, reshuffle_each_iteration=True)
-        # Each element's augmentation seed: (this rank's seed, the element's position in the stream).
-        stream_seed = tf.constant(seed * 1009 + rank, tf.int64)
+
+        def one_epoch(epoch: int) -> tf.data.Dataset:
+            def shards() -> Iterator[tuple[str, int, int]]:
+                if not self.source.failure:
+                    yield from assign_shards(names, epoch, seed, rank, size)
+
+            assignments = tf.data.Dataset.from_generator(shards, output_signature=signature)
+            samples = self._stream(assignments, True, drops).shuffle(
+                self.config.shuffle_buffer, seed=randomness.derive(seed, rank, f"shuffle-{epoch}") % 2 ** 31)
+            # Each element's augmentation seed: (this rank's and epoch's seed, its place in the epoch).
+            augment_seed = tf.constant(randomness.derive(seed, rank, f"augment-{epoch}"), tf.int64)
+            return samples.take(self.steps_in_epoch(epoch, size) * batch).enumerate().map(
+                lambda index, sample: (tf.stack([augment_seed, index]), *sample))
+
+        stream = one_epoch(start_epoch)
+        for epoch in range(start_epoch + 1, end_epoch):
+            stream = stream.concatenate(one_epoch(epoch))
         size_, augment = self.config.image_size, self.config.augment
-        return self._decode(samples, lambda number, sample: (
-                                train_image(sample[0], tf.stack([stream_seed, number]), size_, augment), sample[1]),
+        return self._decode(stream, lambda number, sample: (train_image(sample[1], sample[0], size_, augment),
+                                                            sample[2]),
                             drops, drop_remainder=True, finite=False)
 
     def evaluate(self, split: str = "val", rank: int = 0, size: int = 1) -> tf.data.Dataset:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import horovod.tensorflow as hvd
+import numpy as np
 import tensorflow as tf
 
 
@@ -46,6 +47,20 @@ def average(values: list[tf.Tensor]) -> list[tf.Tensor]:
 def total(values: list[tf.Tensor]) -> list[tf.Tensor]:
     """Sum over all ranks (eval counts)."""
     return hvd.grouped_allreduce(values, op=hvd.Sum) if hvd.size() > 1 else values
+
+
+def broadcast_object(value, name: str):
+    """Rank 0's picklable value on every rank (restore on rank 0, then broadcast). `name` must be
+    the same on every rank: Horovod matches collectives by name."""
+    return hvd.broadcast_object(value, root_rank=0, name=name) if hvd.size() > 1 else value
+
+
+def gather(array: np.ndarray) -> np.ndarray:
+    """Every rank's array stacked in rank order: [size, *array.shape] (for rank 0 to save)."""
+    if hvd.size() == 1:
+        return array[None]
+    gathered = hvd.allgather(tf.constant(array[None]))
+    return gathered.numpy()
 
 
 def broadcast_from_chief(variables: list) -> None:

@@ -19,7 +19,7 @@ from ingest import cli
 from ingest.errors import EXIT_FAILED, EXIT_INPUT, IngestError
 from ingest.storage import Location, dump_json, write_atomic
 
-from . import checkpoint, dist, saved
+from . import checkpoint, dist, randomness, records, saved
 from .augment import preset_for
 from .config import OPTIMIZERS, PRESETS, TrainConfig, from_preset
 from .loop import Trainer
@@ -50,7 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics on this port plus the local rank (one port per process)")
     add("--mixed-precision", action=argparse.BooleanOptionalAction, default=None,
         help="compute in float16 on GPUs (with loss scaling) or bfloat16 on CPUs; weights stay float32")
-    add("--seed", type=int, help="seed of shuffling and augmentation (default 0)")
+    add("--seed", type=int, help="seed of weights, data order, augmentation and dropout (default 0)")
+    add("--deterministic", action="store_true", default=None,
+        help="same --seed, same weights and metrics, on any number of ranks (deterministic kernels and "
+             "input order; slower)")
+    add("--restart", action="store_true",
+        help="discard the checkpoints and results in --output and start over (a rerun otherwise resumes)")
     add("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level")
     return parser
 
@@ -59,7 +64,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = {key: value for key, value in {
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
         "early_stopping_patience": args.early_stopping_patience, "image_size": args.image_size,
-        "mixed_precision": args.mixed_precision, "metrics_port": args.metrics_port, "seed": args.seed}.items() if value is not None}
+        "mixed_precision": args.mixed_precision, "metrics_port": args.metrics_port, "seed": args.seed,
+        "deterministic": args.deterministic}.items() if value is not None}
     config = (from_preset(args.preset, args.data, args.output, **overrides) if args.preset
               else TrainConfig(data=args.data, output=args.output, **overrides))
     if args.model or args.dropout:
@@ -71,39 +77,33 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return config
 
 
-def train(config: TrainConfig, workers: dist.Workers) -> dict:
+def train(config: TrainConfig, workers: dist.Workers, restart: bool = False) -> dict:
     metrics = None
     if config.metrics_port is not None:   # one port per process on a node: base + local rank
         info = {"model": config.model.name, "workers": str(workers.size), "version": version("imagenet-k8s-trainer")}
         metrics = TrainerMetrics(workers.rank, info, config.metrics_port + workers.local_rank)
     trainer = Trainer(config, workers, metrics)
     fs, root = Location(config.output).open()
+    progress = checkpoint.restore(fs, root, trainer, restart)   # refuses other settings before anything is written
     if workers.is_chief:
         write_atomic(fs, f"{root}/config.json", dump_json(config.to_json()))
-    progress = checkpoint.restore(fs, root, trainer)
     start_epoch = progress.next_epoch
     trainer.start_stream(start_epoch)
     epochs = range(start_epoch, config.epochs if not progress.stopped_early else start_epoch)
     for epoch in tqdm(epochs, desc="epochs", disable=not workers.is_chief):
-        stale = progress.record(trainer.run_epoch(epoch), trainer.model.get_weights())
-        progress.stopped_early = bool(config.early_stopping_patience) and stale >= config.early_stopping_patience
+        if progress.record(trainer.run_epoch(epoch)) and workers.is_chief:
+            progress.best_weights = trainer.model.get_weights()
+        progress.stopped_early = bool(config.early_stopping_patience) and progress.stale >= config.early_stopping_patience
+        seed_states = dist.gather(randomness.get_states(trainer.model))
         if workers.is_chief:
-            checkpoint.save(fs, root, trainer, progress)
+            checkpoint.save(fs, root, trainer, progress, seed_states)
+            write_atomic(fs, f"{root}/history.csv", records.history_csv(progress))
         if progress.stopped_early:
-            log.info("early stopping: val top-5 has not improved for %d epochs", stale)
+            log.info("early stopping: val top-5 has not improved for %d epochs", progress.stale)
             break
-    best = progress.best
-    trainer.model.set_weights(progress.best_weights)
-    results = {
-        "model": config.model.name, "dropout": config.model.dropout, "augmentation": config.augment.enabled,
-        "train_top1": best.train_top1, "train_top5": best.train_top5,
-        "val_top1": best.val_top1, "val_top5": best.val_top5, "best_epoch": best.epoch,
-        "epochs_run": len(progress.history), "start_epoch": start_epoch, "workers": workers.size,
-        "images_per_second": sum(r.images_per_second for r in progress.history) / len(progress.history)
-        * workers.size,
-        "data_wait_share": sum(r.data_wait_share for r in progress.history) / len(progress.history),
-    }
+    results = records.results(config, progress, trainer.model, workers.size, start_epoch)
     if workers.is_chief:
+        trainer.model.set_weights(progress.best_weights)
         saved.save(trainer.model, trainer.data.manifest["classes"], config.output)
         write_atomic(fs, f"{root}/results.json", dump_json(results))
     return results
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("trainer").setLevel(args.log_level if workers.is_chief else "WARNING")
     try:
-        results = train(config, workers)
+        results = train(config, workers, args.restart)
     except IngestError as exc:   # a dataset missing or unfinished; storage refusing or failing after retries
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -1,0 +1,27 @@
+"""User-facing errors of the trainer CLIs, beyond the ingest ones it shares (ingest.errors), and
+their exit codes (documented in docs/training.md)."""
+from __future__ import annotations
+
+from ingest.errors import EXIT_USAGE, IngestError
+
+EXIT_DIVERGED = 6   # the training loss became NaN or infinite; lower --lr and rerun with --restart
+
+
+class ConfigMismatch(IngestError):
+    """A rerun whose settings differ from those of the checkpoint it would resume."""
+
+    exit_code = EXIT_USAGE
+
+
+class Diverged(IngestError):
+    """The mean training loss of a step is not finite: nothing after it can be trusted."""
+
+    exit_code = EXIT_DIVERGED
+
+    def __init__(self, epoch: int, step: int, loss: float):
+        super().__init__(f"training diverged: the loss was {loss} at epoch {epoch}, step {step}; the last checkpoint "
+                         f"(before epoch {epoch}) is kept; lower --lr and rerun with --restart")
+
+
+class RestoreFailed(IngestError):
+    """Rank 0 could not read the checkpoint (it says why); the other ranks stop with this."""
