@@ -25,8 +25,9 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None,
         parser.error(str(exc))
 
 
-def run_main(body: Callable[[], int | None], log_level: str = "INFO") -> int:
-    """Run a CLI body; a user's mistake becomes one line on stderr and an exit code."""
+def run_main(body: Callable[[], int | None], log_level: str = "INFO", kept: str = "committed shards are kept") -> int:
+    """Run a CLI body; a user's mistake becomes one line on stderr and an exit code. `kept` says
+    what an interrupted run keeps (for the messages on Ctrl-C and SIGTERM)."""
     # Our own messages at the asked level; libraries (botocore, s3fs) only when they warn.
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("ingest").setLevel(log_level)
@@ -38,10 +39,10 @@ def run_main(body: Callable[[], int | None], log_level: str = "INFO") -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except Terminated:
-        print("terminated (SIGTERM): committed shards are kept; rerun the same command to resume", file=sys.stderr)
+        print(f"terminated (SIGTERM): {kept}; rerun the same command to resume", file=sys.stderr)
         return EXIT_TERMINATED
     except KeyboardInterrupt:
-        print("interrupted: committed shards are kept; rerun the same command to resume", file=sys.stderr)
+        print(f"interrupted: {kept}; rerun the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_OK if code is None else code
 

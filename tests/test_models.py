@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from trainer.errors import UsageError
 from trainer.models import MODELS, ModelConfig, build_model
 
 # Hand-checked for the seed models: e.g. model1 = conv 896 + 18,496 + 73,856 + 147,584
@@ -45,6 +46,10 @@ def test_bad_model_configs_are_refused():
         ModelConfig("vgg")
     with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
         ModelConfig("model2", dropout=(0.5, 1.5, 0.5))
-    with pytest.raises(ValueError, match="model2 takes 3 dropout rate"):
+    with pytest.raises(UsageError, match="--dropout 0.5: model2 takes 3 dropout rate"):
         build_model(ModelConfig("model2", dropout=(0.5,)), 10, 64)
+    with pytest.raises(UsageError, match="--dropout: model resnet18 has no dropout layers"):
+        build_model(ModelConfig("resnet18", dropout=(0.5,)), 10, 64)
+    with pytest.raises(UsageError, match="--image-size 16 does not fit --model model1"):
+        build_model(ModelConfig("model1"), 10, 16)
     assert set(MODELS) == {"model1", "model2", "resnet18", "resnet50"}

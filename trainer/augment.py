@@ -5,46 +5,16 @@ pipeline gives the same images in the same order however many parallel calls run
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import tensorflow as tf
+
+from .config import AUGMENT_PRESETS as PRESETS
+from .config import AugmentConfig, preset_for
 
 # ImageNet channel statistics, the convention of Keras applications and torchvision.
 MEAN_RGB = (0.485, 0.456, 0.406)
 STDDEV_RGB = (0.229, 0.224, 0.225)
-CROPS = ("pad", "resized", "none")
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    enabled: bool = True                  # False: training images get the eval transform
-    crop: str = "pad"                     # pad: pad + random crop (TinyImageNet); resized: random-resized-crop (ImageNet)
-    pad: int = 4                          # pixels of reflection padding for crop="pad"
-    area_range: tuple[float, float] = (0.08, 1.0)     # crop="resized": fraction of the image area
-    aspect_range: tuple[float, float] = (3 / 4, 4 / 3)
-    flip: bool = True                     # random horizontal flip
-    color_jitter: float = 0.0             # 0: off; else brightness/contrast/saturation strength (e.g. 0.4)
-    eval_crop: float = 1.0                # eval: central fraction kept before resizing (0.875 for ImageNet)
-
-    def __post_init__(self) -> None:
-        if self.crop not in CROPS:
-            raise ValueError(f"crop {self.crop!r} unknown; choose one of {', '.join(CROPS)}")
-        if self.pad < 0 or not 0 <= self.color_jitter <= 1 or not 0 < self.eval_crop <= 1:
-            raise ValueError(f"pad {self.pad} must be >= 0, color_jitter {self.color_jitter} in 0..1, "
-                             f"eval_crop {self.eval_crop} in (0, 1]")
-
-
-# Named presets: the two data sets the project trains on.
-PRESETS = {
-    "tinyimagenet": AugmentConfig(crop="pad", pad=4, flip=True),
-    "imagenet": AugmentConfig(crop="resized", flip=True, eval_crop=0.875),
-    "none": AugmentConfig(enabled=False),
-}
-
-
-def preset_for(image_size: int) -> AugmentConfig:
-    """The default augmentation for an input size: TinyImageNet's up to 64 px, ImageNet's above."""
-    return PRESETS["tinyimagenet" if image_size <= 64 else "imagenet"]
+# The augmentation settings live with the rest of the configuration (importable without TensorFlow).
+__all__ = ["AugmentConfig", "PRESETS", "preset_for", "normalize", "eval_image", "train_image"]
 
 
 def normalize(image: tf.Tensor) -> tf.Tensor:

@@ -9,14 +9,47 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .augment import PRESETS as AUGMENT_PRESETS
-from .augment import AugmentConfig
 from .models import ModelConfig
+
+CROPS = ("pad", "resized", "none")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    enabled: bool = True                  # False: training images get the eval transform
+    crop: str = "pad"                     # pad: pad + random crop (TinyImageNet); resized: random-resized-crop (ImageNet)
+    pad: int = 4                          # pixels of reflection padding for crop="pad"
+    area_range: tuple[float, float] = (0.08, 1.0)     # crop="resized": fraction of the image area
+    aspect_range: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True                     # random horizontal flip
+    color_jitter: float = 0.0             # 0: off; else brightness/contrast/saturation strength (e.g. 0.4)
+    eval_crop: float = 1.0                # eval: central fraction kept before resizing (0.875 for ImageNet)
+
+    def __post_init__(self) -> None:
+        if self.crop not in CROPS:
+            raise ValueError(f"crop {self.crop!r} unknown; choose one of {', '.join(CROPS)}")
+        if self.pad < 0 or not 0 <= self.color_jitter <= 1 or not 0 < self.eval_crop <= 1:
+            raise ValueError(f"pad {self.pad} must be >= 0, color_jitter {self.color_jitter} in 0..1, "
+                             f"eval_crop {self.eval_crop} in (0, 1]")
+
+
+# Named presets: the two data sets the project trains on.
+AUGMENT_PRESETS = {
+    "tinyimagenet": AugmentConfig(crop="pad", pad=4, flip=True),
+    "imagenet": AugmentConfig(crop="resized", flip=True, eval_crop=0.875),
+    "none": AugmentConfig(enabled=False),
+}
+
+
+def preset_for(image_size: int) -> AugmentConfig:
+    """The default augmentation for an input size: TinyImageNet's up to 64 px, ImageNet's above."""
+    return AUGMENT_PRESETS["tinyimagenet" if image_size <= 64 else "imagenet"]
+
 
 OPTIMIZERS = ("adam", "sgd")
 # Settings a rerun may change and still resume: extend a run, change when it stops early, where it
 # serves metrics, how its output is spelled (another mount of the same place).
-RESUMABLE = frozenset({"epochs", "early_stopping_patience", "metrics_port", "output"})
+RESUMABLE = frozenset({"epochs", "early_stopping_patience", "metrics_port", "output", "storage_options"})
 
 
 @dataclass
@@ -33,10 +66,12 @@ class TrainConfig:
     warmup_epochs: int = 2                      # linear ramp to the scaled rate (large batches need it)
     early_stopping_patience: int | None = None  # epochs without a better val top-5
     shuffle_buffer: int = 10_000
+    interleave: int = 4                         # shards read at once per rank
     mixed_precision: bool = False
     seed: int = 0                               # of weights, data order, augmentation and dropout
     deterministic: bool = False                 # same seed -> same weights and metrics (slower)
-    metrics_port: int | None = None
+    metrics_port: int | None = None             # this port + the local rank, one per process
+    storage_options: dict[str, Any] = field(default_factory=dict)   # fsspec's, for data and output; no secrets
 
     def __post_init__(self) -> None:
         checks = [
@@ -48,6 +83,8 @@ class TrainConfig:
             (self.early_stopping_patience is None or self.early_stopping_patience >= 1,
              f"early stopping patience {self.early_stopping_patience} must be >= 1"),
             (self.image_size >= 8, f"image size {self.image_size} must be >= 8"),
+            (self.metrics_port is None or 1 <= self.metrics_port <= 65535,
+             f"metrics port {self.metrics_port} must be in 1..65535"),
         ]
         for ok, message in checks:
             if not ok:
@@ -62,7 +99,7 @@ class TrainConfig:
         now, before = _flatten(self.to_json()), _flatten(TrainConfig.from_json(saved).to_json())
         return [f"{_SHOWN.get(name, name.replace('_', '-'))} {before.get(name)} -> {now.get(name)}"
                 for name in sorted(now.keys() | before.keys())
-                if name not in RESUMABLE and now.get(name) != before.get(name)]
+                if name.split(".")[0] not in RESUMABLE and now.get(name) != before.get(name)]
 
     @classmethod
     def from_json(cls, values: dict[str, Any]) -> TrainConfig:

@@ -2,15 +2,25 @@
 their exit codes (documented in docs/training.md)."""
 from __future__ import annotations
 
-from ingest.errors import EXIT_USAGE, IngestError
+from ingest.errors import EXIT_FAILED, EXIT_USAGE, IngestError
 
 EXIT_DIVERGED = 6   # the training loss became NaN or infinite; lower --lr and rerun with --restart
 
 
-class ConfigMismatch(IngestError):
-    """A rerun whose settings differ from those of the checkpoint it would resume."""
+class UsageError(IngestError):
+    """A flag that argparse accepted but that does not fit (the model, the host): exit 2 like argparse."""
 
     exit_code = EXIT_USAGE
+
+
+class ConfigMismatch(UsageError):
+    """A rerun whose settings differ from those of the checkpoint it would resume."""
+
+
+class WorkerLost(IngestError):
+    """Another rank died or became unreachable; rerunning resumes from the last checkpoint."""
+
+    exit_code = EXIT_FAILED
 
 
 class Diverged(IngestError):

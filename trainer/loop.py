@@ -59,8 +59,9 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
 def build_inputs(config: TrainConfig) -> Dataset:
     return Dataset(InputConfig(data=config.data, image_size=config.image_size, batch_size=config.batch_size,
-                               shuffle_buffer=config.shuffle_buffer, seed=config.seed, augment=config.augment,
-                               deterministic=config.deterministic))
+                               shuffle_buffer=config.shuffle_buffer, interleave=config.interleave, seed=config.seed,
+                               deterministic=config.deterministic, augment=config.augment,
+                               storage_options=config.storage_options))
 
 
 def set_determinism(config: TrainConfig) -> None:

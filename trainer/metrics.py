@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR
 
+from .errors import UsageError
 from .shards import ReadStats
 
 # From a fast GPU step (milliseconds) to a slow CPU one (seconds).
@@ -38,7 +39,17 @@ class TrainerMetrics:
         self._read_bytes = 0
         self._skipped: dict[str, int] = {}
         if port is not None:
+            self._serve(port)
+
+    def _serve(self, port: int) -> None:
+        if port > 65535:
+            raise UsageError(f"--metrics-port: rank {self.rank} would serve on port {port} (the flag plus its local "
+                             f"rank), above 65535")
+        try:
             start_http_server(port, registry=self.registry)
+        except OSError as exc:
+            raise UsageError(f"--metrics-port: rank {self.rank} cannot serve metrics on port {port} "
+                             f"(the flag plus its local rank): {exc.strerror or exc}") from None
 
     def record_step(self, images: int, step_seconds: float, wait_seconds: float) -> None:
         self.images.labels(self.rank).inc(images)

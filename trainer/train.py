@@ -11,21 +11,13 @@ import dataclasses
 import json
 import logging
 import sys
-from importlib.metadata import version
-
-from tqdm import tqdm
 
 from ingest import cli
-from ingest.errors import EXIT_FAILED, EXIT_INPUT, IngestError
-from ingest.storage import Location, dump_json, write_atomic
+from ingest.errors import InputError
+from ingest.storage import parse_storage_options
 
-from . import checkpoint, dist, randomness, records, saved
-from .augment import preset_for
-from .config import OPTIMIZERS, PRESETS, TrainConfig, from_preset
-from .loop import Trainer
-from .metrics import TrainerMetrics
+from .config import OPTIMIZERS, PRESETS, TrainConfig, from_preset, preset_for
 from .models import MODELS, ModelConfig
-from .shards import ShardError
 
 log = logging.getLogger("trainer")
 
@@ -56,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
              "input order; slower)")
     add("--restart", action="store_true",
         help="discard the checkpoints and results in --output and start over (a rerun otherwise resumes)")
-    add("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level")
+    add("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+        help="fsspec storage option for --data and --output, repeatable (e.g. endpoint_url=http://127.0.0.1:9000); "
+             "credentials come from the environment, never from flags")
+    add("--log-level", default="INFO", choices=cli.LOG_LEVELS, help="logging level (default INFO)")
     return parser
 
 
@@ -65,7 +60,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
         "early_stopping_patience": args.early_stopping_patience, "image_size": args.image_size,
         "mixed_precision": args.mixed_precision, "metrics_port": args.metrics_port, "seed": args.seed,
-        "deterministic": args.deterministic}.items() if value is not None}
+        "deterministic": args.deterministic,
+        "storage_options": parse_storage_options(args.storage_option) or None}.items() if value is not None}
     config = (from_preset(args.preset, args.data, args.output, **overrides) if args.preset
               else TrainConfig(data=args.data, output=args.output, **overrides))
     if args.model or args.dropout:
@@ -77,13 +73,24 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return config
 
 
-def train(config: TrainConfig, workers: dist.Workers, restart: bool = False) -> dict:
+def train(config: TrainConfig, workers, restart: bool = False) -> dict:
+    """Every rank: the whole run, resumed from the last checkpoint unless `restart`. Returns results."""
+    from importlib.metadata import version
+
+    from tqdm import tqdm
+
+    from ingest.storage import Location, dump_json, write_atomic
+
+    from . import checkpoint, dist, randomness, records, saved
+    from .loop import Trainer
+    from .metrics import TrainerMetrics
+
     metrics = None
     if config.metrics_port is not None:   # one port per process on a node: base + local rank
         info = {"model": config.model.name, "workers": str(workers.size), "version": version("imagenet-k8s-trainer")}
         metrics = TrainerMetrics(workers.rank, info, config.metrics_port + workers.local_rank)
     trainer = Trainer(config, workers, metrics)
-    fs, root = Location(config.output).open()
+    fs, root = Location(config.output, config.storage_options).open()
     progress = checkpoint.restore(fs, root, trainer, restart)   # refuses other settings before anything is written
     if workers.is_chief:
         write_atomic(fs, f"{root}/config.json", dump_json(config.to_json()))
@@ -111,27 +118,31 @@ def train(config: TrainConfig, workers: dist.Workers, restart: bool = False) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args, config = cli.parse(build_parser(), argv, config_from_args)
+    return cli.run_main(lambda: _run(args, config), args.log_level, kept="the last checkpoint is kept")
+
+
+def _run(args: argparse.Namespace, config: TrainConfig) -> int:
+    from .quiet import import_tensorflow
+
+    import_tensorflow()
+    from . import dist
+    from .errors import WorkerLost
+    from .shards import ShardError
+
     workers = dist.init()
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("trainer").setLevel(args.log_level if workers.is_chief else "WARNING")
     try:
         results = train(config, workers, args.restart)
-    except IngestError as exc:   # a dataset missing or unfinished; storage refusing or failing after retries
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
     except ValueError as exc:    # a setting that does not fit the dataset (e.g. fewer samples than a batch)
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_INPUT
-    except ShardError as exc:                   # the shards stopped being readable mid-run
-        print(f"error: reading the training data: {exc}", file=sys.stderr)
-        return EXIT_INPUT
+        raise InputError(str(exc)) from None
+    except ShardError as exc:    # the shards stopped being readable mid-run
+        raise InputError(f"reading the training data: {exc}") from None
     except Exception as exc:
         cause = dist.collective_failure(exc)
         if cause is None:
             raise
-        print(f"error: rank {workers.rank}: lost another worker (it failed, was killed, or its node or network went "
-              f"away: {cause}); rerun the same command to resume from the last checkpoint", file=sys.stderr)
-        return EXIT_FAILED
+        raise WorkerLost(f"rank {workers.rank}: lost another worker (it failed, was killed, or its node or network "
+                           f"went away: {cause}); rerun the same command to resume from the last checkpoint") from None
     if workers.is_chief:
         print(json.dumps(results))
     return 0

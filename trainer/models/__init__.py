@@ -1,14 +1,13 @@
-"""Model registry: name -> builder. Every builder returns an uncompiled Keras model whose
-output is the softmax over `num_classes` for `image_size` x `image_size` x 3 inputs."""
+"""Model registry: name -> "module:builder". Every builder returns an uncompiled Keras model whose
+output is the softmax over `num_classes` for `image_size` x `image_size` x 3 inputs. Builders are
+imported when a model is built, so that the registry (and `--help`) needs no TensorFlow."""
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import inspect
 from dataclasses import dataclass
 
-import keras
-
-from .resnet import resnet18, resnet50
-from .seed import model1, model2
+from ..errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -24,14 +23,25 @@ class ModelConfig:
             raise ValueError(f"dropout rates {self.dropout} must be in [0, 1)")
 
 
-MODELS: dict[str, Callable[..., keras.Model]] = {
-    "model1": model1,
-    "model2": model2,
-    "resnet18": resnet18,
-    "resnet50": resnet50,
+MODELS: dict[str, str] = {
+    "model1": "trainer.models.seed:model1",
+    "model2": "trainer.models.seed:model2",
+    "resnet18": "trainer.models.resnet:resnet18",
+    "resnet50": "trainer.models.resnet:resnet50",
 }
 
 
-def build_model(config: ModelConfig, num_classes: int, image_size: int) -> keras.Model:
+def build_model(config: ModelConfig, num_classes: int, image_size: int):
+    """The uncompiled keras.Model."""
+    module, _, name = MODELS[config.name].partition(":")
+    builder = getattr(importlib.import_module(module), name)
     options = {} if config.dropout is None else {"dropout": config.dropout}
-    return MODELS[config.name](num_classes=num_classes, image_size=image_size, **options)
+    if options and "dropout" not in inspect.signature(builder).parameters:
+        raise UsageError(f"--dropout: model {config.name} has no dropout layers")
+    try:
+        return builder(num_classes=num_classes, image_size=image_size, **options)
+    except UsageError:
+        raise
+    except ValueError as exc:   # Keras: a layer's output would be smaller than one pixel, or too small an input
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--image-size {image_size} does not fit --model {config.name}: {reason}") from None

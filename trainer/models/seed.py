@@ -5,6 +5,8 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from ..errors import UsageError
+
 
 def _conv(filters: int) -> layers.Layer:
     return layers.Conv2D(filters, 3, activation="relu")
@@ -42,5 +44,6 @@ def _classifier(num_classes: int) -> layers.Layer:
 
 def _rates(dropout: tuple[float, ...], count: int, model: str) -> tuple[float, ...]:
     if len(dropout) != count:
-        raise ValueError(f"{model} takes {count} dropout rate(s), got {len(dropout)}: {dropout}")
+        rates = ",".join(str(rate) for rate in dropout)
+        raise UsageError(f"--dropout {rates}: {model} takes {count} dropout rate(s), got {len(dropout)}")
     return tuple(dropout)
