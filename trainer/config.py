@@ -46,7 +46,15 @@ def preset_for(image_size: int) -> AugmentConfig:
     return AUGMENT_PRESETS["tinyimagenet" if image_size <= 64 else "imagenet"]
 
 
-OPTIMIZERS = ("adam", "sgd")
+# What --lr-scaling and --weight-decay default to, per optimizer (trainer.optim builds them).
+OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "adam": {"lr_scaling": "sqrt", "weight_decay": 0.0},    # a weight decay with Adam is AdamW
+    "adamw": {"lr_scaling": "sqrt", "weight_decay": 0.01},
+    "sgd": {"lr_scaling": "linear", "weight_decay": 0.0},   # Nesterov momentum 0.9
+}
+OPTIMIZERS = tuple(OPTIMIZER_DEFAULTS)
+LR_SCHEDULES = ("constant", "cosine", "step")   # the keys of trainer.optim.SCHEDULES
+LR_SCALINGS = ("linear", "sqrt", "none")        # the keys of trainer.optim.SCALINGS
 # Settings a rerun may change and still resume: extend a run, change when it stops early, where it
 # serves metrics, how its output is spelled (another mount of the same place).
 RESUMABLE = frozenset({"epochs", "early_stopping_patience", "metrics_port", "output", "storage_options"})
@@ -64,6 +72,11 @@ class TrainConfig:
     optimizer: str = "adam"
     lr: float = 1e-3                            # for one worker; scaled by the worker count
     warmup_epochs: int = 2                      # linear ramp to the scaled rate (large batches need it)
+    lr_schedule: str = "constant"               # after the warm-up: constant, cosine (to 0 at the end), step
+    lr_decay_epochs: tuple[int, ...] = ()       # step: the rate x0.1 from each of these epochs on
+    lr_scaling: str | None = None               # with the worker count: linear, sqrt, none; None: the optimizer's
+    weight_decay: float | None = None           # decoupled, kernels only; None: the optimizer's (adamw 0.01, else 0)
+    label_smoothing: float = 0.0
     early_stopping_patience: int | None = None  # epochs without a better val top-5
     shuffle_buffer: int = 10_000
     interleave: int = 4                         # shards read at once per rank
@@ -74,12 +87,29 @@ class TrainConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)   # fsspec's, for data and output; no secrets
 
     def __post_init__(self) -> None:
+        defaults = OPTIMIZER_DEFAULTS.get(self.optimizer, OPTIMIZER_DEFAULTS["adam"])
+        self.lr_scaling = defaults["lr_scaling"] if self.lr_scaling is None else self.lr_scaling
+        self.weight_decay = defaults["weight_decay"] if self.weight_decay is None else self.weight_decay
+        self.lr_decay_epochs = decay = tuple(self.lr_decay_epochs)   # a list from JSON
         checks = [
             (self.optimizer in OPTIMIZERS, f"optimizer {self.optimizer!r} unknown; choose one of {OPTIMIZERS}"),
             (self.epochs >= 1, f"epochs {self.epochs} must be >= 1"),
             (self.batch_size >= 1, f"batch size {self.batch_size} must be >= 1"),
             (self.lr > 0, f"learning rate {self.lr} must be > 0"),
             (self.warmup_epochs >= 0, f"warmup epochs {self.warmup_epochs} must be >= 0"),
+            (self.lr_schedule in LR_SCHEDULES,
+             f"lr schedule {self.lr_schedule!r} unknown; choose one of {LR_SCHEDULES}"),
+            (all(isinstance(e, int) and e >= 1 for e in decay) and list(decay) == sorted(set(decay)),
+             f"lr decay epochs {list(decay)} must be increasing whole epochs >= 1 (e.g. 30,60,80)"),
+            (self.lr_schedule == "step" or not decay,
+             f"lr decay epochs {list(decay)} are for the step schedule only; lr schedule is {self.lr_schedule!r}"),
+            (self.lr_schedule != "step" or decay, "lr schedule 'step' needs lr decay epochs (e.g. 30,60,80)"),
+            (self.lr_scaling in LR_SCALINGS, f"lr scaling {self.lr_scaling!r} unknown; choose one of {LR_SCALINGS}"),
+            (0 <= self.weight_decay < 1, f"weight decay {self.weight_decay} must be in [0, 1)"),
+            (self.optimizer != "adam" or self.weight_decay == 0,
+             f"weight decay {self.weight_decay} with adam: Adam with decoupled weight decay is 'adamw'; "
+             f"choose optimizer adamw, or weight decay 0"),
+            (0 <= self.label_smoothing < 1, f"label smoothing {self.label_smoothing} must be in [0, 1)"),
             (self.early_stopping_patience is None or self.early_stopping_patience >= 1,
              f"early stopping patience {self.early_stopping_patience} must be >= 1"),
             (self.image_size >= 8, f"image size {self.image_size} must be >= 8"),
@@ -97,13 +127,16 @@ class TrainConfig:
         """The settings, as 'name: saved -> now', in which this config differs from a checkpoint's
         (the JSON of its config), ignoring those a resumed run may change."""
         now, before = _flatten(self.to_json()), _flatten(TrainConfig.from_json(saved).to_json())
+        # Cosine reaches 0 at the last epoch: more epochs would raise the rate again mid-run.
+        resumable = RESUMABLE - {"epochs"} if self.lr_schedule == "cosine" else RESUMABLE
         return [f"{_SHOWN.get(name, name.replace('_', '-'))} {before.get(name)} -> {now.get(name)}"
                 for name in sorted(now.keys() | before.keys())
-                if name.split(".")[0] not in RESUMABLE and now.get(name) != before.get(name)]
+                if name.split(".")[0] not in resumable and now.get(name) != before.get(name)]
 
     @classmethod
     def from_json(cls, values: dict[str, Any]) -> TrainConfig:
         values = dict(values)
+        values.setdefault("lr_scaling", "linear")   # saved before --lr-scaling: every optimizer's was linear
         model = values.pop("model", {})
         augment = values.pop("augment", {})
         if model.get("dropout") is not None:
@@ -137,9 +170,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                         "augment": AUGMENT_PRESETS["tinyimagenet"], "epochs": 100, "early_stopping_patience": 10},
     "resnet18-tinyimagenet": {"model": ModelConfig("resnet18"), "augment": AUGMENT_PRESETS["tinyimagenet"],
                               "optimizer": "sgd", "lr": 0.05, "epochs": 60},
+    # Goyal et al. 2017 ("Accurate, Large Minibatch SGD"): 0.1 per 256 images of global batch, so 0.1 x 64 / 256
+    # = 0.025 per worker of 64, scaled linearly (sgd's default; N workers: 0.025 N = 0.1 x 64 N / 256); 5 warm-up
+    # epochs; x0.1 at epochs 30, 60, 80 of 90; momentum 0.9; their L2 1e-4 through momentum 0.9 as decoupled
+    # decay 1e-3 (trainer.optim). Label smoothing 0.1: He et al. 2019 ("Bag of Tricks").
     "resnet50-imagenet": {"model": ModelConfig("resnet50"), "augment": AUGMENT_PRESETS["imagenet"],
-                          "image_size": 224, "optimizer": "sgd", "lr": 0.1, "batch_size": 64, "epochs": 90,
-                          "warmup_epochs": 5},
+                          "image_size": 224, "optimizer": "sgd", "lr": 0.025, "batch_size": 64,
+                          "epochs": 90, "warmup_epochs": 5, "lr_schedule": "step",
+                          "lr_decay_epochs": (30, 60, 80), "weight_decay": 1e-3, "label_smoothing": 0.1},
 }
 
 

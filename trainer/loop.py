@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import keras
 import tensorflow as tf
 
-from . import dist, evaluation, randomness
+from . import dist, evaluation, optim, randomness
 from .config import TrainConfig
 from .data import Dataset, InputConfig
 from .errors import Diverged
@@ -39,22 +39,6 @@ class EpochResult:
     learning_rate: float = 0.0      # at the end of the epoch
     val_samples_seen: int = 0
     val_samples_expected: int = 0   # the manifest's; more than seen when val samples could not be read
-
-
-class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear ramp from the one-worker rate to the worker-scaled rate, then constant."""
-
-    def __init__(self, base: float, scaled: float, warmup_steps: int):
-        self.base, self.scaled, self.warmup_steps = base, scaled, warmup_steps
-
-    def __call__(self, step):
-        if self.warmup_steps == 0:
-            return tf.constant(self.scaled, tf.float32)
-        progress = tf.minimum(tf.cast(step, tf.float32) / self.warmup_steps, 1.0)
-        return self.base + (self.scaled - self.base) * progress
-
-    def get_config(self):
-        return {"base": self.base, "scaled": self.scaled, "warmup_steps": self.warmup_steps}
 
 
 def build_inputs(config: TrainConfig) -> Dataset:
@@ -81,18 +65,6 @@ def set_precision(config: TrainConfig) -> str:
     return policy
 
 
-def build_optimizer(config: TrainConfig, workers: dist.Workers, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    schedule = WarmupSchedule(config.lr, config.lr * workers.size, config.warmup_epochs * steps_per_epoch)
-    if config.optimizer == "sgd":
-        optimizer = keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True)
-    else:
-        optimizer = keras.optimizers.Adam(schedule)
-    # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
-    if keras.mixed_precision.global_policy().name == "mixed_float16":
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    return optimizer
-
-
 class Trainer:
     def __init__(self, config: TrainConfig, workers: dist.Workers, metrics: TrainerMetrics | None = None):
         self.config = config
@@ -104,9 +76,10 @@ class Trainer:
         set_determinism(config)
         self.model = build_model(config.model, self.data.num_classes, config.image_size)
         randomness.seed_per_rank(self.model, config.seed, workers.rank)
-        self.optimizer = build_optimizer(config, workers, self.steps_per_epoch)
+        self.optimizer = optim.build_optimizer(config, workers.size, self.steps_per_epoch,
+                                               self.model.trainable_variables)
         self.optimizer.build(self.model.trainable_variables)
-        self.loss_fn = keras.losses.SparseCategoricalCrossentropy()
+        self.loss_fn = optim.build_loss(config, self.data.num_classes)
         self.eval_step = evaluation.eval_step(self.model)
         self.train_stream = None
 
@@ -120,10 +93,13 @@ class Trainer:
 
     @tf.function
     def train_step(self, images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
-        """One synchronous step; returns [loss averaged over ranks, this rank's correct top-1, top-5]."""
+        """One synchronous step; returns [loss averaged over ranks, this rank's correct top-1, top-5]. The
+        loss is the one minimised: the data loss plus the model's regularisation losses (e.g. L2 penalties)."""
         with tf.GradientTape() as tape:
             probabilities = self.model(images, training=True)
             loss = self.loss_fn(labels, probabilities)
+            if self.model.losses:
+                loss += tf.add_n([tf.cast(penalty, loss.dtype) for penalty in self.model.losses])
             scaled = self.optimizer.scale_loss(loss)   # the loss itself unless loss scaling is on
         variables = self.model.trainable_variables
         # The loss rides with the gradients: every rank sees the same mean loss, so all stop together.

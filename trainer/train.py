@@ -16,7 +16,7 @@ from ingest import cli
 from ingest.errors import InputError
 from ingest.storage import parse_storage_options
 
-from .config import OPTIMIZERS, PRESETS, TrainConfig, from_preset, preset_for
+from .config import LR_SCALINGS, LR_SCHEDULES, OPTIMIZERS, PRESETS, TrainConfig, from_preset, preset_for
 from .models import MODELS, ModelConfig
 
 log = logging.getLogger("trainer")
@@ -32,8 +32,24 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dropout", help="comma-separated dropout rates in layer order (model1: 1, model2: 3)")
     add("--epochs", type=int, help="epochs to train (default 30, or the preset's)")
     add("--batch-size", type=int, help="images per step per worker (default 128)")
-    add("--lr", type=float, help="learning rate for one worker; scaled by the worker count (default 1e-3)")
-    add("--optimizer", choices=OPTIMIZERS, help="optimizer (default adam)")
+    add("--lr", type=float,
+        help="learning rate for one worker; scaled with the worker count by --lr-scaling (default 1e-3)")
+    add("--optimizer", choices=OPTIMIZERS,
+        help="adam, adamw (Adam with decoupled weight decay) or sgd (Nesterov momentum 0.9) (default adam)")
+    add("--lr-scaling", choices=LR_SCALINGS,
+        help="the peak rate on N workers: --lr x N (linear), x sqrt(N) (sqrt) or x 1 (none) "
+             "(default: linear for sgd, sqrt for adam and adamw)")
+    add("--warmup-epochs", type=int, help="epochs of linear ramp from --lr to the scaled rate (default 2)")
+    add("--lr-schedule", choices=LR_SCHEDULES,
+        help="after the warm-up: constant, cosine (down to 0 at the end of the last epoch) or step (x0.1 from "
+             "each of --lr-decay-epochs on) (default constant)")
+    add("--lr-decay-epochs", type=_epoch_list, metavar="E,E,...",
+        help="with --lr-schedule step: the epochs from which the rate is multiplied by 0.1 (e.g. 30,60,80)")
+    add("--weight-decay", type=float,
+        help="decoupled weight decay per step (x the rate), on kernels only: biases and BatchNorm are not decayed; "
+             "sgd and adamw (default 0; adamw 0.01)")
+    add("--label-smoothing", type=float,
+        help="label smoothing E: the loss's targets are (1 - E) x one-hot + E / classes (default 0)")
     add("--augment", action=argparse.BooleanOptionalAction, default=None,
         help="on-the-fly augmentation (default: on, or the preset's)")
     add("--early-stopping-patience", type=int, help="stop after this many epochs without a better val top-5")
@@ -60,8 +76,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
         "early_stopping_patience": args.early_stopping_patience, "image_size": args.image_size,
         "mixed_precision": args.mixed_precision, "metrics_port": args.metrics_port, "seed": args.seed,
-        "deterministic": args.deterministic,
+        "deterministic": args.deterministic, "lr_scaling": args.lr_scaling, "warmup_epochs": args.warmup_epochs,
+        "lr_schedule": args.lr_schedule, "lr_decay_epochs": args.lr_decay_epochs,
+        "weight_decay": args.weight_decay, "label_smoothing": args.label_smoothing,
         "storage_options": parse_storage_options(args.storage_option) or None}.items() if value is not None}
+    if args.lr_schedule not in (None, "step") and args.lr_decay_epochs is None:
+        overrides["lr_decay_epochs"] = ()   # a preset's step decay does not carry over to another schedule
     config = (from_preset(args.preset, args.data, args.output, **overrides) if args.preset
               else TrainConfig(data=args.data, output=args.output, **overrides))
     if args.model or args.dropout:
@@ -71,6 +91,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         config.augment = (preset_for(config.image_size) if args.augment
                           else dataclasses.replace(config.augment, enabled=False))
     return config
+
+
+def _epoch_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(epoch) for epoch in text.split(","))
+    except ValueError:
+        message = f"{text!r} is not a comma-separated list of whole epochs (e.g. 30,60,80)"
+        raise argparse.ArgumentTypeError(message) from None
 
 
 def train(config: TrainConfig, workers, restart: bool = False) -> dict:
