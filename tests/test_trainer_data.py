@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 
@@ -13,7 +15,7 @@ import tensorflow as tf
 from ingest import synth
 from trainer.augment import PRESETS, AugmentConfig, eval_image, normalize, train_image
 from trainer.data import REORDER_WINDOW, Dataset, DecodeDrops, InputConfig, assign_shards
-from trainer.shards import ReadStats, ShardError, parse_tar
+from trainer.shards import ReadStats, StorageGone, parse_tar
 
 from .conftest import run_cli
 from .helpers import read_dataset
@@ -48,8 +50,59 @@ def test_ranks_cover_every_sample_exactly_once(shard_count, size):
 
 def test_epochs_permute_the_shards_the_same_way_on_every_rank():
     names = [f"s{i}" for i in range(10)]
-    assert assign_shards(names, 0, 0, 0, 2) != assign_shards(names, 1, 0, 0, 2)
-    assert assign_shards(names, 4, 3, 1, 2) == assign_shards(names, 4, 3, 1, 2)
+
+    def permutation(epoch: int, seed: int, size: int) -> list[str]:
+        """The ranks' lists dealt back together: rank r holds places r, r + size, ..."""
+        order = [None] * len(names)
+        for rank in range(size):
+            for place, (name, _, _) in enumerate(assign_shards(names, epoch, seed, rank, size)):
+                order[rank + place * size] = name
+        return order
+
+    for size in (1, 2, 3):
+        assert sorted(permutation(0, 0, size)) == sorted(names)
+        assert permutation(4, 3, size) == permutation(4, 3, 1)   # one permutation, however many ranks
+    assert permutation(0, 0, 1) != permutation(1, 0, 1) and permutation(0, 0, 1) != permutation(0, 1, 1)
+    # Ranks are separate processes: the permutation must not depend on the process (e.g. on hash()).
+    probe = f"from trainer.data import assign_shards; print([n for n, _, _ in assign_shards({names!r}, 4, 3, 1, 2)])"
+    other = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": "123"})
+    assert other.stdout.strip() == str([n for n, _, _ in assign_shards(names, 4, 3, 1, 2)])
+
+
+def _image_keys(dataset: Dataset, names: list[tuple[str, int, int]]) -> list[bytes]:
+    """Decoded, un-augmented images of these shard parts, as bytes: what an epoch must pass over."""
+    keys = []
+    for name, part, parts in names:
+        blob, offsets, lengths, _ = dataset.source.samples(name, part, parts)
+        keys += [eval_image(blob[o:o + n], 32, PRESETS["none"]).numpy().tobytes() for o, n in zip(offsets, lengths)]
+    return keys
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_an_epoch_is_one_pass_over_each_ranks_share(shards, size):
+    dataset = Dataset(config(shards, augment=PRESETS["none"], deterministic=True))
+    names = [s["name"] for s in dataset.manifest["splits"]["train"]["shards"]]
+    for epoch in (0, 1):
+        steps = dataset.steps_in_epoch(epoch, size)
+        for rank in range(size):
+            share = _image_keys(dataset, assign_shards(names, epoch, 0, rank, size))
+            seen = [image.tobytes() for images, _ in dataset.train(rank, size, epoch) for image in images.numpy()]
+            assert len(seen) == steps * 8 <= len(share)     # every rank the same steps, whole batches
+            assert len(set(seen)) == len(seen) and set(seen) <= set(share)
+
+
+@pytest.mark.parametrize("size", [1, 2])
+def test_a_stream_started_at_epoch_2_reads_what_the_whole_stream_reads_there(shards, size):
+    dataset = Dataset(config(shards, deterministic=True, seed=7))   # augmentation on
+    for rank in range(size):
+        whole = list(dataset.train(rank, size, 0, 3))
+        skipped = dataset.steps_in_epoch(0, size) + dataset.steps_in_epoch(1, size)
+        resumed = list(dataset.train(rank, size, 2, 3))
+        assert len(resumed) == len(whole) - skipped > 0
+        for (a, y), (b, z) in zip(whole[skipped:], resumed, strict=True):
+            assert np.array_equal(a, b) and np.array_equal(y, z)
+        assert not np.array_equal(whole[0][0], resumed[0][0])   # epochs differ
 
 
 @pytest.mark.parametrize("size", [1, 3, 20])
@@ -62,12 +115,11 @@ def test_evaluation_reads_each_sample_once_over_all_ranks(shards, size):
 
 @pytest.mark.parametrize("size", [1, 3, 20])
 def test_training_streams_never_run_dry(shards, size):
-    dataset = Dataset(config(shards, batch_size=2))
-    steps = dataset.steps_per_epoch(size)
-    assert steps == dataset.samples("train") // (2 * size)
-    for rank in range(size):
-        batches = list(dataset.train(rank, size).take(3 * steps))
-        assert len(batches) == 3 * steps
+    dataset = Dataset(config(shards, batch_size=1))
+    steps = [dataset.steps_in_epoch(epoch, size) for epoch in range(3)]
+    assert all(steps) and max(steps) <= dataset.samples("train") // size
+    for rank in range(size):   # every rank runs the same steps: none waits in an allreduce for ever
+        assert sum(1 for _ in dataset.train(rank, size, 0, 3)) == sum(steps)
 
 
 def test_batches_have_the_right_shapes_types_and_ranges(shards):
@@ -126,7 +178,6 @@ def test_corrupt_and_missing_shards_are_skipped_and_counted(shards, tmp_path):
     os.remove(broken / val[1]["name"])
     stats = ReadStats()
     dataset = Dataset(config(broken), stats)
-    dataset.source.backoff = 0.001
     labels = np.concatenate([y.numpy() for _, y in dataset.evaluate("val")])
     assert len(labels) == manifest["splits"]["val"]["samples"] - val[0]["samples"] - val[1]["samples"]
     assert stats.skipped_shards == Counter({"corrupt": 1, "missing": 1})
@@ -180,8 +231,8 @@ def test_a_dataset_whose_shards_are_all_gone_fails_instead_of_hanging(shards, tm
         path.unlink()
     dataset = Dataset(config(gone))
     with pytest.raises(tf.errors.OpError, match="shards in a row could not be read"):
-        next(iter(dataset.train()))
-    with pytest.raises(ShardError, match="shards in a row could not be read"):
+        next(iter(dataset.train(0, 1, 0, 3)))   # 12 shards an epoch: the 20th skip is in epoch 1
+    with pytest.raises(StorageGone, match="shards in a row could not be read"):
         dataset.source.check()
 
 
@@ -191,7 +242,7 @@ def test_readers_on_several_threads_keep_the_first_fatal_failure(shards):
     from ingest.storage import Location
     from trainer.shards import MAX_CONSECUTIVE_SKIPS, ShardSource
 
-    source = ShardSource(Location(str(shards)), retries=0)
+    source = ShardSource(Location(str(shards)))
     missing = [f"absent-{i:03d}.tar" for i in range(4 * MAX_CONSECUTIVE_SKIPS)]
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(source.samples, missing))
@@ -223,7 +274,6 @@ def test_a_shard_that_differs_from_the_manifest_is_skipped_as_corrupt(shards, tm
     _damage(damaged, first["name"], flip_a_pixel_byte)
     stats = ReadStats()
     dataset = Dataset(config(damaged), stats)
-    dataset.source.backoff = 0.001
     labels = np.concatenate([y.numpy() for _, y in dataset.evaluate("val")])
     assert len(labels) == manifest["splits"]["val"]["samples"] - first["samples"]
     assert stats.skipped_shards == Counter({"corrupt": 1})
@@ -256,8 +306,9 @@ def test_an_image_that_fails_to_decode_is_skipped_and_counted(shards, tmp_path):
     assert stats.skipped_samples == Counter({"undecodable": lost}) and stats.skipped_shards == Counter()
 
     train_stats = ReadStats()   # a gap counts once the stream is REORDER_WINDOW samples past it
-    batches = Dataset(config(damaged, batch_size=64), train_stats).train().take(REORDER_WINDOW // 64 + 20)
-    assert sum(len(y) for _, y in batches) == (REORDER_WINDOW // 64 + 20) * 64   # the stream goes on past it
+    epochs = REORDER_WINDOW // 80 + 15   # 80 samples an epoch: 10 batches of 8
+    batches = sum(1 for _ in Dataset(config(damaged), train_stats).train(0, 1, 0, epochs))
+    assert batches >= epochs * 9   # the stream goes on past it: at most the bad image's batch is lost
     assert train_stats.skipped_samples["undecodable"] >= 1
 
 
@@ -274,25 +325,3 @@ def test_decode_drops_tell_reordering_from_loss():
     drops.enter(12)
     drops.finish()                          # 6, 7, 8, 10, 11 never came
     assert stats.skipped_samples == Counter({"undecodable": 6}) and not drops.ahead
-
-
-def test_a_transient_read_failure_is_retried_and_recovers(shards, tmp_path):
-    import shutil
-    import threading
-
-    flaky = tmp_path / "flaky"
-    shutil.copytree(shards, flaky)
-    name = "val-000000.tar"
-    good = (flaky / name).read_bytes()
-    (flaky / name).write_bytes(good[:700])   # cut mid-member: what a dropped connection leaves
-    repair = threading.Timer(0.3, lambda: (flaky / name).write_bytes(good))
-    stats = ReadStats()
-    dataset = Dataset(config(flaky), stats)
-    dataset.source.backoff = 0.2             # retries at ~0.1-0.3 s, 0.2-0.6 s, 0.4-1.2 s
-    repair.start()
-    try:
-        blob, offsets, _, labels = dataset.source.samples(name)
-    finally:
-        repair.cancel()
-    assert blob == good and len(offsets) == len(labels) > 0
-    assert stats.skipped_shards == Counter() and stats.shards == 1

@@ -242,7 +242,9 @@ class Dataset:
                 self.config.shuffle_buffer, seed=randomness.derive(seed, rank, f"shuffle-{epoch}") % 2 ** 31)
             # Each element's augmentation seed: (this rank's and epoch's seed, its place in the epoch).
             augment_seed = tf.constant(randomness.derive(seed, rank, f"augment-{epoch}"), tf.int64)
-            return samples.take(self.steps_in_epoch(epoch, size) * batch).enumerate().map(
+            # A share left short by skipped shards is read again to fill the epoch: every rank must run
+            # the same steps. (An empty share ends the epoch: repeat() stops on an empty input.)
+            return samples.repeat().take(self.steps_in_epoch(epoch, size) * batch).enumerate().map(
                 lambda index, sample: (tf.stack([augment_seed, index]), *sample))
 
         stream = one_epoch(start_epoch)

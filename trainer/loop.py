@@ -21,6 +21,7 @@ from .data import Dataset, InputConfig
 from .errors import Diverged
 from .metrics import TrainerMetrics
 from .models import build_model
+from .shards import StorageGone
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,11 @@ class Trainer:
 
     def next_batch(self) -> tuple[tf.Tensor, tf.Tensor]:
         with self.data.reader_errors():
-            return next(self.train_stream)
+            try:
+                return next(self.train_stream)
+            except StopIteration:
+                raise StorageGone(f"rank {self.workers.rank}: none of its share of the train split could be read "
+                                  f"(every shard was skipped: see the log)") from None
 
     def sync_statistics(self) -> None:
         """Average the non-trained weights (BatchNorm's moving statistics, updated from each rank's own

@@ -1,9 +1,11 @@
-"""Reading one shard: fetch its bytes with retries, check them against the manifest, index the
-tar headers in Python, and return the samples as vectors (offsets, lengths, labels), so tf.data
-crosses into Python once per shard.
+"""Reading one shard: fetch its bytes, check them against the manifest, index the tar headers in
+Python, and return the samples as vectors (offsets, lengths, labels), so tf.data crosses into
+Python once per shard.
 
-A shard that cannot be read after the retries, or whose size or sha256 differs from the manifest's,
-is skipped and counted, never silently: `ReadStats` holds the counts and the log names the shard.
+Transient storage faults are retried by the storage libraries (botocore and s3fs: measured in
+docs/reliability.md, two faults in a row of every kind are absorbed), so there is no retry layer
+here. A shard that still cannot be read, or whose size or sha256 differs from the manifest's, is
+skipped and counted, never silently: `ReadStats` holds the counts and the log names the shard.
 Reading never raises into tf.data (the pipeline drops undecodable images with `ignore_errors`,
 which would swallow it): a fatal failure is kept in `ShardSource.failure` and ends the stream.
 """
@@ -11,9 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import random
 import threading
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -24,16 +24,17 @@ from ingest.storage import Location, is_storage_failure
 log = logging.getLogger(__name__)
 
 BLOCK = 512
-RETRIES = 3
-BACKOFF_SECONDS = 0.5
 # Skipping a bad shard keeps training going; skipping this many in a row means the storage is
 # gone, and training on nothing would hang the job or fake progress: fail instead.
 MAX_CONSECUTIVE_SKIPS = 20
 
 
 class ShardError(Exception):
-    """A shard's bytes are not a readable WebDataset tar, or not the ones the manifest names;
-    also the fatal "storage is gone" failure of a whole stream."""
+    """A shard's bytes are not a readable WebDataset tar, or not the ones the manifest names."""
+
+
+class StorageGone(Exception):
+    """So many shards in a row could not be read that the storage, not a shard, is the problem."""
 
 
 @dataclass
@@ -118,12 +119,10 @@ def _pax_path(records: bytes) -> str | None:
 class ShardSource:
     """Reads shards of one dataset; one per process (it holds the storage client)."""
 
-    def __init__(self, location: Location, stats: ReadStats | None = None, retries: int = RETRIES,
-                 backoff: float = BACKOFF_SECONDS, expected: dict[str, tuple[int, str]] | None = None):
+    def __init__(self, location: Location, stats: ReadStats | None = None,
+                 expected: dict[str, tuple[int, str]] | None = None):
         self.fs, self.root = location.open()
         self.stats = stats or ReadStats()
-        self.retries = retries
-        self.backoff = backoff
         self.expected = expected or {}        # name -> (bytes, sha256) from the manifest
         self.failure: Exception | None = None
         self._consecutive_skips = 0
@@ -139,7 +138,7 @@ class ShardSource:
             return _NOTHING
         try:
             return self._samples(name, part, parts, labelled)
-        except ShardError as exc:
+        except StorageGone as exc:
             self._fail(exc)
         except Exception as exc:   # raised into tf.data, it would be dropped with the bad images
             log.exception("shard %s: reading failed", name)
@@ -171,31 +170,23 @@ class ShardSource:
                 np.array(labels, dtype=np.int32))
 
     def _members(self, name: str) -> tuple[bytes, dict[str, dict[str, Span]]]:
-        path = f"{self.root}/{name}"
-        attempt = 0
-        while True:
-            try:
-                data = self._fetch(path, name)
-                self._check(name, data)
-                members = parse_tar(data)
-            except FileNotFoundError:
-                return b"", self._skip(name, "missing", "not found")
-            except Exception as exc:
-                # Storage failures are what ingest.storage says they are (OSError, botocore's and
-                # aiohttp's errors after their own retries); anything else is a bug: fatal.
-                if not isinstance(exc, (ShardError, ValueError)) and not is_storage_failure(exc):
-                    raise
-                if attempt == self.retries:
-                    reason = "corrupt" if isinstance(exc, ShardError) else "unreadable"
-                    return b"", self._skip(name, reason, f"{type(exc).__name__}: {exc}")
-                # Jittered exponential backoff: many workers retrying at once must not align.
-                time.sleep(self.backoff * 2 ** attempt * (0.5 + random.random()))
-                attempt += 1
-                continue
-            self.stats.add(shard_bytes=len(data), shards=1)
-            with self._lock:
-                self._consecutive_skips = 0
-            return data, members
+        try:
+            data = self._fetch(f"{self.root}/{name}", name)
+            self._check(name, data)
+            members = parse_tar(data)
+        except FileNotFoundError:
+            return b"", self._skip(name, "missing", "not found")
+        except Exception as exc:
+            # Storage failures are what ingest.storage says they are (OSError, botocore's and
+            # aiohttp's errors after their own retries); anything else is a bug: fatal.
+            if not isinstance(exc, (ShardError, ValueError)) and not is_storage_failure(exc):
+                raise
+            reason = "corrupt" if isinstance(exc, ShardError) else "unreadable"
+            return b"", self._skip(name, reason, f"{type(exc).__name__}: {exc}")
+        self.stats.add(shard_bytes=len(data), shards=1)
+        with self._lock:
+            self._consecutive_skips = 0
+        return data, members
 
     def _fetch(self, path: str, name: str) -> bytes:
         """The shard's bytes. With the manifest's size, as a byte range: a plain read makes s3fs ask
@@ -221,7 +212,7 @@ class ShardSource:
             self._consecutive_skips += 1
             skips = self._consecutive_skips
         if skips >= MAX_CONSECUTIVE_SKIPS:
-            raise ShardError(f"{MAX_CONSECUTIVE_SKIPS} shards in a row could not be read (last: {name}: "
+            raise StorageGone(f"{MAX_CONSECUTIVE_SKIPS} shards in a row could not be read (last: {name}: "
                              f"{detail}); is the storage at {self.root} reachable?")
         return {}
 

@@ -155,7 +155,7 @@ def _run(args: argparse.Namespace, config: TrainConfig) -> int:
     import_tensorflow()
     from . import dist
     from .errors import WorkerLost
-    from .shards import ShardError
+    from .shards import StorageGone
 
     workers = dist.init()
     logging.getLogger("trainer").setLevel(args.log_level if workers.is_chief else "WARNING")
@@ -163,7 +163,7 @@ def _run(args: argparse.Namespace, config: TrainConfig) -> int:
         results = train(config, workers, args.restart)
     except ValueError as exc:    # a setting that does not fit the dataset (e.g. fewer samples than a batch)
         raise InputError(str(exc)) from None
-    except ShardError as exc:    # the shards stopped being readable mid-run
+    except StorageGone as exc:   # the shards stopped being readable mid-run
         raise InputError(f"reading the training data: {exc}") from None
     except Exception as exc:
         cause = dist.collective_failure(exc)
