@@ -1,21 +1,36 @@
-"""A trained model as saved by `trainer.train`: `<run>/model.keras` plus `<run>/classes.json`
-(index, wnid and name of every class), loadable from any fsspec URL."""
+"""A trained model as saved by `trainer.train`, loadable from any fsspec URL:
+
+- `<run>/model.keras`: the best epoch's weights;
+- `<run>/classes.json`: index, wnid and name of every class (the dataset manifest's classes);
+- `<run>/config.json`: the run's settings, which fix how its images are preprocessed (image size,
+  the augmentation's eval transform): evaluation and prediction use them, never a default.
+
+What a user can get wrong (a URL that is not a finished run, files missing or damaged) is an
+`InputError` naming the object; Keras and TensorFlow are imported only to save or load a model.
+"""
 from __future__ import annotations
 
-import json
 import os
 import tempfile
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import keras
+from ingest.errors import InputError
+from ingest.storage import Location, display, dump_json, read_json, storage_call, write_atomic
 
-from ingest.storage import Location, dump_json, write_atomic
+if TYPE_CHECKING:
+    import fsspec
+    import keras
+
+    from .config import TrainConfig
 
 MODEL = "model.keras"
 CLASSES = "classes.json"
+CONFIG = "config.json"
 
 
-def save(model: keras.Model, classes: list[dict], output: str) -> None:
-    fs, root = Location(output).open()
+def save(model: keras.Model, classes: list[dict], output: str, storage_options: dict[str, Any] | None = None) -> None:
+    fs, root = Location(output, storage_options or {}).open()
     with tempfile.TemporaryDirectory() as directory:
         local = os.path.join(directory, MODEL)
         model.save(local)
@@ -24,14 +39,74 @@ def save(model: keras.Model, classes: list[dict], output: str) -> None:
     write_atomic(fs, f"{root}/{CLASSES}", dump_json(classes))
 
 
-def load(run: str) -> tuple[keras.Model, list[dict]]:
-    """(model, classes) from a run's output URL (the folder holding model.keras)."""
-    fs, root = Location(run).open()
-    for name in (MODEL, CLASSES):
-        if not fs.isfile(f"{root}/{name}"):
-            raise FileNotFoundError(f"{run}: no {name} (is this a finished trainer.train output?)")
-    with tempfile.TemporaryDirectory() as directory:
-        local = os.path.join(directory, MODEL)
-        fs.get_file(f"{root}/{MODEL}", local)
-        model = keras.models.load_model(local, compile=False)
-    return model, json.loads(fs.cat_file(f"{root}/{CLASSES}"))
+@dataclass
+class Run:
+    """A finished run's settings and classes; `load_model()` reads its model."""
+
+    url: str
+    config: TrainConfig
+    classes: list[dict]
+    fs: fsspec.AbstractFileSystem
+    root: str
+
+    def where(self, name: str) -> str:
+        return display(self.fs, f"{self.root}/{name}")
+
+    def load_model(self) -> keras.Model:
+        import keras
+
+        path = f"{self.root}/{MODEL}"
+        with tempfile.TemporaryDirectory() as directory:
+            local = os.path.join(directory, MODEL)
+            with storage_call(self.fs, path, "read", refused=InputError):
+                try:
+                    self.fs.get_file(path, local)
+                except FileNotFoundError:
+                    raise InputError(f"{self.where(MODEL)}: missing") from None
+            try:
+                model = keras.models.load_model(local, compile=False)
+            except Exception as exc:   # Keras raises many kinds for a file that is not a model
+                raise InputError(f"{self.where(MODEL)}: not a loadable Keras model ({type(exc).__name__}: "
+                                 f"{_one_line(exc)})") from None
+        size, classes = self.config.image_size, len(self.classes)
+        if tuple(model.input_shape[1:3]) != (size, size) or model.output_shape[-1] != classes:
+            raise InputError(f"{self.where(MODEL)}: takes {model.input_shape[1:3]} px images into "
+                             f"{model.output_shape[-1]} classes, but {CONFIG} says {size} px and {CLASSES} lists "
+                             f"{classes} classes: not the model of this run")
+        return model
+
+
+def open_run(url: str, storage_options: dict[str, Any] | None = None) -> Run:
+    """A finished run's config and classes from its output URL (the folder holding model.keras);
+    its model is loaded only when asked for."""
+    from .config import TrainConfig
+
+    try:
+        fs, root = Location(url, storage_options or {}).open()
+    except (ImportError, ValueError) as exc:   # an unknown protocol, a storage library not installed
+        raise InputError(f"cannot open the model location {url}: {_one_line(exc)}") from None
+    with storage_call(fs, root, "read", refused=InputError):
+        if not fs.isfile(f"{root}/{MODEL}"):
+            raise InputError(f"{display(fs, f'{root}/{MODEL}')}: missing (not a finished trainer.train output)")
+    classes, values = (_read(fs, root, name) for name in (CLASSES, CONFIG))
+    if not isinstance(classes, list) or not all(isinstance(c, dict) and "wnid" in c and "name" in c
+                                                for c in classes):
+        raise InputError(f"{display(fs, f'{root}/{CLASSES}')}: not a list of classes with wnid and name")
+    try:
+        config = TrainConfig.from_json(values)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise InputError(f"{display(fs, f'{root}/{CONFIG}')}: not a trainer.train config ({_one_line(exc)})") from None
+    return Run(url, config, classes, fs, root)
+
+
+def _read(fs: fsspec.AbstractFileSystem, root: str, name: str) -> Any:
+    path = f"{root}/{name}"
+    try:
+        return read_json(fs, path, invalid=InputError)
+    except FileNotFoundError:
+        raise InputError(f"{display(fs, path)}: missing (trainer.train writes it; without it the run's "
+                         f"{'preprocessing' if name == CONFIG else 'class list'} is unknown)") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
