@@ -69,6 +69,14 @@ def test_a_partial_evaluation_says_so(run64, train_shards, tmp_path):
     assert f"over {100 - lost['samples']} of the val split's 100 samples" in result.stderr
 
 
+def test_a_split_none_of_which_can_be_read_is_an_error_not_zero(run64, train_shards, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(train_shards, data)
+    for shard in json.loads((data / "manifest.json").read_text())["splits"]["val"]["shards"]:
+        (data / shard["name"]).unlink()
+    assert "none of the val split's 100 samples" in one_line_error(evaluate(run64, data), 3)
+
+
 def test_a_dataset_with_other_classes_is_refused(run64, tmp_path):
     from ingest import synth
 

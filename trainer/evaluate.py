@@ -34,7 +34,7 @@ def evaluate(run: str, data: str, split: str = "val", batch_size: int | None = N
     """{split, samples, samples_expected, exact, top1, top5} of the run's model on the split.
     `batch_size` defaults to the run's."""
     from . import evaluation, saved
-    from .shards import ShardError
+    from .shards import StorageGone
 
     trained = saved.open_run(run, storage_options)
     dataset = open_dataset(data, trained, batch_size or trained.config.batch_size, storage_options)
@@ -44,9 +44,12 @@ def evaluate(run: str, data: str, split: str = "val", batch_size: int | None = N
     try:
         with dataset.reader_errors():
             counts = evaluation.count(step, dataset.evaluate(split))
-    except ShardError as exc:
+    except StorageGone as exc:
         raise InputError(f"reading the {split} split of {data}: {exc}") from None
     result = evaluation.accuracy(counts.numpy(), dataset.samples(split))
+    if result.seen == 0:
+        raise InputError(f"none of the {split} split's {result.expected} samples in {data} could be read "
+                         f"(see the warnings above): nothing evaluated")
     if not result.exact:
         log.warning("warning: top-1 and top-5 are over %d of the %s split's %d samples (the rest could not be "
                     "read): not exact", result.seen, split, result.expected)
