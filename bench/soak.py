@@ -63,11 +63,11 @@ def soak(url: str, epochs: int, batch_size: int) -> list[Sample]:
     from trainer.data import Dataset, InputConfig
 
     dataset = Dataset(InputConfig(data=url, batch_size=batch_size))
-    steps = dataset.steps_per_epoch(1)
-    stream = iter(dataset.train())
+    stream = iter(dataset.train(0, 1, 0, epochs))
     samples = [Sample(-1, 0.0, 0, *process_state())]
     for epoch in range(epochs):
         started = time.perf_counter()
+        steps = dataset.steps_in_epoch(epoch, 1)
         for _ in range(steps):
             next(stream)
         evaluated = sum(len(labels) for _, labels in dataset.evaluate("val"))

@@ -32,19 +32,29 @@ def run_main(body: Callable[[], int | None], log_level: str = "INFO", kept: str 
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("ingest").setLevel(log_level)
     # Kubernetes stops a pod with SIGTERM to its PID 1, which ignores signals it does not handle.
-    signal.signal(signal.SIGTERM, _terminate)
+    # Only while the body runs: a SIGTERM while reporting or exiting must not become a traceback.
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         code = body()
-    except IngestError as exc:
+    except BaseException as exc:
+        signal.signal(signal.SIGTERM, previous)
+        return _report(exc, kept)
+    signal.signal(signal.SIGTERM, previous)
+    return EXIT_OK if code is None else code
+
+
+def _report(exc: BaseException, kept: str) -> int:
+    """One line for an error the user can act on; anything else is re-raised (a bug: its traceback)."""
+    if isinstance(exc, IngestError):
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except Terminated:
+    if isinstance(exc, Terminated):
         print(f"terminated (SIGTERM): {kept}; rerun the same command to resume", file=sys.stderr)
         return EXIT_TERMINATED
-    except KeyboardInterrupt:
+    if isinstance(exc, KeyboardInterrupt):
         print(f"interrupted: {kept}; rerun the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
-    return EXIT_OK if code is None else code
+    raise exc
 
 
 def _terminate(signum, frame) -> None:

@@ -180,28 +180,29 @@ def test_metrics_are_served_and_pass_promtool(shards, tmp_path):
 def test_restore_brings_back_the_exact_model_and_optimizer_state(shards, tmp_path):
     import numpy as np
 
-    from trainer import checkpoint, dist
+    from ingest.storage import Location
+    from trainer import checkpoint, dist, randomness
     from trainer.config import from_preset
     from trainer.loop import Trainer
-    from ingest.storage import Location
 
     workers = dist.init()   # one process: Horovod of size 1
     config = from_preset("seed-model2-aug", str(shards), str(tmp_path / "out"), batch_size=32, epochs=2)
     first = Trainer(config, workers)
     first.start_stream()
     progress = checkpoint.Progress()
-    progress.record(first.run_epoch(0), first.model.get_weights())
+    assert progress.record(first.run_epoch(0))
+    progress.best_weights = first.model.get_weights()
     fs, root = Location(config.output).open()
-    checkpoint.save(fs, root, first, progress)
+    checkpoint.save(fs, root, first, progress, randomness.get_states(first.model)[None])
 
     second = Trainer(config, workers)
     restored = checkpoint.restore(fs, root, second)
     assert restored.next_epoch == 1 and restored.best_epoch == 0
-    for a, b in zip(first.model.get_weights(), second.model.get_weights(), strict=True):
-        assert np.array_equal(a, b)
+    for a, b in zip(first.model.variables, second.model.variables, strict=True):   # random state too
+        assert np.array_equal(np.asarray(a.value), np.asarray(b.value)), a.path
     for a, b in zip(first.optimizer.variables, second.optimizer.variables, strict=True):
         assert np.array_equal(np.asarray(a.value), np.asarray(b.value)), a.path
-    assert int(second.optimizer.iterations) == first.steps_per_epoch
+    assert int(second.optimizer.iterations) == first.data.steps_in_epoch(0, 1)
 
 
 def test_the_seed_model2_learns_the_synthetic_set(shards, tmp_path):

@@ -139,7 +139,7 @@ def train(config: TrainConfig, workers, restart: bool = False) -> dict:
     results = records.results(config, progress, trainer.model, workers.size, start_epoch)
     if workers.is_chief:
         trainer.model.set_weights(progress.best_weights)
-        saved.save(trainer.model, trainer.data.manifest["classes"], config.output)
+        saved.save(trainer.model, trainer.data.manifest["classes"], config.output, config.storage_options)
         write_atomic(fs, f"{root}/results.json", dump_json(results))
     return results
 
