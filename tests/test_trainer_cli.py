@@ -66,3 +66,21 @@ def test_a_normal_run_logs_no_tensorflow_start_up_lines(shards, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     noisy = [line for line in result.stderr.splitlines() if any(noise in line for noise in NOISE)]
     assert noisy == []
+
+
+def test_storage_options_reach_the_data_the_checkpoints_and_the_model(shards, s3_bucket, s3_endpoint):
+    import fsspec
+
+    fs, _ = fsspec.core.url_to_fs(f"s3://{s3_bucket}")
+    fs.put(str(shards), f"{s3_bucket}/data", recursive=True)
+    # The environment points at nothing: only --storage-option can reach the bucket.
+    nowhere = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
+    args = ["--data", f"s3://{s3_bucket}/data", "--output", f"s3://{s3_bucket}/run", "--preset", "seed-model1",
+            "--epochs", "1", "--batch-size", "64", "--storage-option", f"endpoint_url={s3_endpoint}"]
+    result = run_cli("trainer.train", *args, env=nowhere)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("config.json", "history.csv", "checkpoints/latest.json", "model.keras", "results.json"):
+        assert fs.isfile(f"{s3_bucket}/run/{name}"), name
+    evaluated = run_cli("trainer.evaluate", "--model", f"s3://{s3_bucket}/run", "--data", f"s3://{s3_bucket}/data",
+                        "--storage-option", f"endpoint_url={s3_endpoint}", env=nowhere)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
