@@ -57,5 +57,17 @@ def _report(exc: BaseException, kept: str) -> int:
     raise exc
 
 
+_terminated = False
+
+
 def _terminate(signum, frame) -> None:
+    global _terminated
+    _terminated = True
     raise Terminated()
+
+
+def raise_if_terminated() -> None:
+    """For long loops, at points where stopping is safe: a SIGTERM whose exception was lost (raised
+    inside a finalizer, whose exceptions Python only prints) still stops the run here."""
+    if _terminated:
+        raise Terminated()

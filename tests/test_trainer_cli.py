@@ -40,8 +40,9 @@ def test_help_does_not_load_tensorflow(module):
 @pytest.mark.parametrize(("flags", "expected"), [
     (["--preset", "seed-model1", "--dropout", "0.1,0.2"], "--dropout 0.1,0.2: model1 takes 1 dropout rate(s), got 2"),
     (["--model", "resnet18", "--dropout", "0.5"], "--dropout: model resnet18 has no dropout layers"),
-    (["--preset", "seed-model1", "--image-size", "16"], "--image-size 16 does not fit --model model1"),
+    (["--preset", "seed-model1", "--image-size", "16"], "--image-size 16 does not fit --model model1: its layers"),
     (["--metrics-port", "70000"], "metrics port 70000 must be in 1..65535"),
+    (["--lr", "inf"], "learning rate inf must be a finite number > 0"),
 ])
 def test_a_flag_that_does_not_fit_is_a_flag_error(shards, tmp_path, flags, expected):
     result = run_cli("trainer.train", "--data", shards, "--output", tmp_path / "out", "--epochs", "1", *flags)

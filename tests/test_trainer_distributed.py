@@ -107,6 +107,11 @@ def test_early_stopping_ends_the_run_and_keeps_the_best_epoch(shards, tmp_path):
     assert results["epochs_run"] == 3 and results["best_epoch"] == 0 and results["workers"] == 1
     again = run_cli("trainer.train", *args)
     assert again.returncode == 0 and json.loads((out / "results.json").read_text())["epochs_run"] == 3
+    # More patience on a rerun: the run goes on until it runs out again (epoch 4: 4 without a better one).
+    patient = run_cli("trainer.train", *args[:-1], "4")
+    assert patient.returncode == 0, patient.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert (results["epochs_run"], results["start_epoch"], results["stopped_early"]) == (5, 3, True)
 
 
 def test_two_workers_take_the_steps_of_one_worker_with_their_joint_batch(shards, tmp_path):

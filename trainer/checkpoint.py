@@ -25,6 +25,8 @@ import numpy as np
 from ingest.storage import dump_json, write_atomic
 
 from . import dist, randomness
+from ingest.errors import EXIT_FAILED, IngestError
+
 from .errors import ConfigMismatch, RestoreFailed
 from .loop import EpochResult, Trainer
 
@@ -80,7 +82,8 @@ def save(fs, root: str, trainer: Trainer, progress: Progress, seed_states: np.nd
     write_atomic(fs, f"{root}/{LATEST}", dump_json({
         "state": name, "next_epoch": progress.next_epoch, "best_epoch": progress.best_epoch,
         "stopped_early": progress.stopped_early, "history": [asdict(r) for r in progress.history],
-        "config": trainer.config.to_json(), "workers": trainer.workers.size}))
+        "config": trainer.config.to_json(), "workers": trainer.workers.size,
+        "dataset": trainer.data.manifest.get("plan_id")}))
     _prune(fs, root, keep=name)
 
 
@@ -100,13 +103,15 @@ def restore(fs, root: str, trainer: Trainer, restart: bool = False) -> Progress:
             if restart:
                 _clear(fs, root)
             shared = _load(fs, root, trainer)
-        except Exception as exc:
-            dist.broadcast_object({"error": f"rank 0 could not restore the checkpoint: {exc}"}, "checkpoint")
+        except Exception as exc:   # the other ranks stop with the same message and exit code
+            message = str(exc) if isinstance(exc, IngestError) else f"rank 0 could not restore the checkpoint: {exc}"
+            dist.broadcast_object({"error": message, "exit_code": getattr(exc, "exit_code", EXIT_FAILED)},
+                                  "checkpoint")
             raise
         best_weights = shared.pop("best_weights") if shared else None   # only rank 0 saves the model
     shared = dist.broadcast_object(shared, "checkpoint")
     if shared and "error" in shared:
-        raise RestoreFailed(shared["error"])
+        raise RestoreFailed(shared["error"], shared["exit_code"])
     trainer.broadcast()
     if not shared:
         return Progress()
@@ -149,6 +154,10 @@ def _check_compatible(fs, root: str, latest: dict, trainer: Trainer) -> None:
     differences = trainer.config.differences(saved)
     if latest.get("workers", trainer.workers.size) != trainer.workers.size:
         differences.append(f"workers {latest['workers']} -> {trainer.workers.size}")
+    # --data may be spelt otherwise or moved (another bucket): the dataset is what must not change.
+    dataset = trainer.data.manifest.get("plan_id")
+    if latest.get("dataset", dataset) != dataset:
+        differences.append(f"dataset {latest['dataset']} -> {dataset} (the manifests' plan ids)")
     if differences:
         raise ConfigMismatch(f"{trainer.config.output} holds a run made with other settings ({'; '.join(differences)}); "
                              f"rerun with its settings to resume it, or add --restart to start over")

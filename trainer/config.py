@@ -6,6 +6,7 @@ the resolved config as `<output>/config.json`; library code only ever sees the d
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,8 +57,9 @@ OPTIMIZERS = tuple(OPTIMIZER_DEFAULTS)
 LR_SCHEDULES = ("constant", "cosine", "step")   # the keys of trainer.optim.SCHEDULES
 LR_SCALINGS = ("linear", "sqrt", "none")        # the keys of trainer.optim.SCALINGS
 # Settings a rerun may change and still resume: extend a run, change when it stops early, where it
-# serves metrics, how its output is spelled (another mount of the same place).
-RESUMABLE = frozenset({"epochs", "early_stopping_patience", "metrics_port", "output", "storage_options"})
+# serves metrics, how its output and data are spelt or where they moved (the checkpoint checks that
+# the dataset is the same one: its manifest's plan id).
+RESUMABLE = frozenset({"epochs", "early_stopping_patience", "metrics_port", "output", "storage_options", "data"})
 
 
 @dataclass
@@ -95,7 +97,7 @@ class TrainConfig:
             (self.optimizer in OPTIMIZERS, f"optimizer {self.optimizer!r} unknown; choose one of {OPTIMIZERS}"),
             (self.epochs >= 1, f"epochs {self.epochs} must be >= 1"),
             (self.batch_size >= 1, f"batch size {self.batch_size} must be >= 1"),
-            (self.lr > 0, f"learning rate {self.lr} must be > 0"),
+            (0 < self.lr < math.inf, f"learning rate {self.lr} must be a finite number > 0"),
             (self.warmup_epochs >= 0, f"warmup epochs {self.warmup_epochs} must be >= 0"),
             (self.lr_schedule in LR_SCHEDULES,
              f"lr schedule {self.lr_schedule!r} unknown; choose one of {LR_SCHEDULES}"),

@@ -24,14 +24,19 @@ class WorkerLost(IngestError):
 
 
 class Diverged(IngestError):
-    """The mean training loss of a step is not finite: nothing after it can be trusted."""
+    """The loss or the weights are no longer finite: nothing after that can be trusted."""
 
     exit_code = EXIT_DIVERGED
 
-    def __init__(self, epoch: int, step: int, loss: float):
-        super().__init__(f"training diverged: the loss was {loss} at epoch {epoch}, step {step}; the last checkpoint "
-                         f"(before epoch {epoch}) is kept; lower --lr and rerun with --restart")
+    def __init__(self, epoch: int, step: int, what: str):
+        super().__init__(f"training diverged: {what} at epoch {epoch}, step {step}; nothing of epoch {epoch} is "
+                         f"saved; lower --lr and rerun with --restart")
 
 
 class RestoreFailed(IngestError):
-    """Rank 0 could not read the checkpoint (it says why); the other ranks stop with this."""
+    """Rank 0 could not restore the checkpoint (it says why); the other ranks stop with this and
+    rank 0's exit code, so that the job's code is the cause's."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -50,6 +50,9 @@ def evaluate(run: str, data: str, split: str = "val", batch_size: int | None = N
     if result.seen == 0:
         raise InputError(f"none of the {split} split's {result.expected} samples in {data} could be read "
                          f"(see the warnings above): nothing evaluated")
+    if result.non_finite:
+        log.warning("warning: the model's outputs on %d of the %d samples are NaN or infinite (a diverged model)",
+                    result.non_finite, result.seen)
     if not result.exact:
         log.warning("warning: top-1 and top-5 are over %d of the %s split's %d samples (the rest could not be "
                     "read): not exact", result.seen, split, result.expected)

@@ -18,6 +18,7 @@ class Accuracy:
     top5: float
     seen: int        # samples evaluated
     expected: int    # samples the manifest lists for the split
+    non_finite: int = 0   # samples whose predicted probabilities hold a NaN or an infinity
 
     @property
     def exact(self) -> bool:
@@ -34,20 +35,21 @@ def top_k_hits(probabilities: tf.Tensor, labels: tf.Tensor, k: int) -> tf.Tensor
 
 
 def eval_step(model: keras.Model):
-    """A compiled step: [correct top-1, correct top-5, samples] of one batch."""
+    """A compiled step: [correct top-1, correct top-5, samples, samples with non-finite outputs] of one batch."""
 
     @tf.function
     def step(images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
         probabilities = model(images, training=False)
+        broken = tf.logical_not(tf.reduce_all(tf.math.is_finite(probabilities), axis=1))
         return tf.stack([top_k_hits(probabilities, labels, 1), top_k_hits(probabilities, labels, 5),
-                         tf.cast(tf.shape(labels)[0], tf.float32)])
+                         tf.cast(tf.shape(labels)[0], tf.float32), tf.reduce_sum(tf.cast(broken, tf.float32))])
 
     return step
 
 
 def count(step, batches) -> tf.Tensor:
-    """Summed [top-1 hits, top-5 hits, samples] over the batches."""
-    counts = tf.zeros([3])
+    """Summed [top-1 hits, top-5 hits, samples, non-finite outputs] over the batches."""
+    counts = tf.zeros([4])
     for images, labels in batches:
         counts += step(images, labels)
     return counts
@@ -55,5 +57,5 @@ def count(step, batches) -> tf.Tensor:
 
 def accuracy(counts, expected: int) -> Accuracy:
     """From summed counts and the number of samples the split should have had."""
-    top1, top5, seen = (float(c) for c in counts)
-    return Accuracy(top1 / max(seen, 1), top5 / max(seen, 1), int(seen), expected)
+    top1, top5, seen, non_finite = (float(c) for c in counts)
+    return Accuracy(top1 / max(seen, 1), top5 / max(seen, 1), int(seen), expected, int(non_finite))

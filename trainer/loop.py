@@ -7,6 +7,7 @@ are summed.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -15,12 +16,14 @@ from dataclasses import dataclass
 import keras
 import tensorflow as tf
 
+from ingest.cli import raise_if_terminated
+
 from . import dist, evaluation, optim, randomness
 from .config import TrainConfig
 from .data import Dataset, InputConfig
 from .errors import Diverged
 from .metrics import TrainerMetrics
-from .models import build_model
+from .models import build_model, dropout_rates
 from .shards import StorageGone
 
 log = logging.getLogger(__name__)
@@ -76,6 +79,8 @@ class Trainer:
         self.precision = set_precision(config)
         set_determinism(config)
         self.model = build_model(config.model, self.data.num_classes, config.image_size)
+        if config.model.dropout is None:   # the model's own rates, stated: config.json never says null
+            config.model = dataclasses.replace(config.model, dropout=tuple(dropout_rates(self.model)) or None)
         randomness.seed_per_rank(self.model, config.seed, workers.rank)
         self.optimizer = optim.build_optimizer(config, workers.size, self.steps_per_epoch,
                                                self.model.trainable_variables)
@@ -116,6 +121,7 @@ class Trainer:
         sums, previous = tf.zeros([3]), None
         started, waiting = time.perf_counter(), 0.0
         for step in range(steps):
+            raise_if_terminated()
             asked = time.perf_counter()
             images, labels = self.next_batch()
             got = time.perf_counter()
@@ -129,6 +135,10 @@ class Trainer:
         _check_finite(epoch, steps - 1, previous)
         seconds = time.perf_counter() - started
         self.sync_statistics()
+        # The last step's update is after its (finite) loss: weights it made infinite would otherwise
+        # be evaluated, checkpointed and saved as the best model.
+        if not all(bool(tf.reduce_all(tf.math.is_finite(w))) for w in self.model.weights):
+            raise Diverged(epoch, steps - 1, "the weights became NaN or infinite")
         images_seen = steps * self.config.batch_size
         loss, top1, top5 = (dist.average([sums])[0] / [steps, images_seen, images_seen]).numpy()
         return float(loss), float(top1), float(top5), images_seen / seconds, waiting / seconds
@@ -159,6 +169,9 @@ class Trainer:
         started = time.perf_counter()
         loss, train_top1, train_top5, rate, wait_share = self.train_epoch(epoch)
         val = self.evaluate()
+        if val.non_finite:   # a model that answers NaN must not become the best epoch by ties or chance
+            raise Diverged(epoch, self.data.steps_in_epoch(epoch, self.workers.size) - 1,
+                           f"the model's outputs on {val.non_finite} of {val.seen} val samples are NaN or infinite")
         learning_rate = float(self.optimizer.learning_rate)
         result = EpochResult(epoch, loss, train_top1, train_top5, val.top1, val.top5, rate, wait_share,
                              time.perf_counter() - started, learning_rate, val.seen, val.expected)
@@ -179,4 +192,4 @@ class Trainer:
 def _check_finite(epoch: int, step: int, result: tf.Tensor) -> None:
     loss = float(result[0])
     if not math.isfinite(loss):
-        raise Diverged(epoch, step, loss)
+        raise Diverged(epoch, step, f"the loss was {loss}")

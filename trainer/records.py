@@ -6,10 +6,9 @@ from __future__ import annotations
 import csv
 import io
 
-import keras
-
 from .checkpoint import Progress
 from .config import TrainConfig
+from .models import dropout_rates
 
 # Keras' CSVLogger conventions: a header row, one row per epoch, "epoch" first.
 HISTORY_COLUMNS = ("epoch", "loss", "train_top1", "train_top5", "val_top1", "val_top5", "learning_rate",
@@ -25,12 +24,7 @@ def history_csv(progress: Progress) -> bytes:
     return text.getvalue().encode()
 
 
-def dropout_rates(model: keras.Model) -> list[float]:
-    """The rates the model actually uses, in layer order (empty for models without dropout)."""
-    return [float(layer.rate) for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
-
-
-def results(config: TrainConfig, progress: Progress, model: keras.Model, workers: int, start_epoch: int) -> dict:
+def results(config: TrainConfig, progress: Progress, model, workers: int, start_epoch: int) -> dict:
     """The run's row of the study's table: the best epoch's accuracies and how the run went."""
     best, history = progress.best, progress.history
     return {

@@ -120,24 +120,33 @@ def train(config: TrainConfig, workers, restart: bool = False) -> dict:
     trainer = Trainer(config, workers, metrics)
     fs, root = Location(config.output, config.storage_options).open()
     progress = checkpoint.restore(fs, root, trainer, restart)   # refuses other settings before anything is written
+    patience = config.early_stopping_patience
+    # Decided again on a rerun, which may change the patience (or extend the epochs).
+    progress.stopped_early = bool(patience) and bool(progress.history) and progress.stale >= patience
+    start_epoch = progress.next_epoch
+    epochs = range(start_epoch, start_epoch if progress.stopped_early else config.epochs)
+    if workers.is_chief and not epochs and fs.isfile(f"{root}/results.json"):
+        log.info("%s is finished (%d epochs%s): nothing to do", config.output, len(progress.history),
+                 ", stopped early" if progress.stopped_early else "")
+        return json.loads(fs.cat_file(f"{root}/results.json"))
     if workers.is_chief:
         write_atomic(fs, f"{root}/config.json", dump_json(config.to_json()))
-    start_epoch = progress.next_epoch
-    trainer.start_stream(start_epoch)
-    epochs = range(start_epoch, config.epochs if not progress.stopped_early else start_epoch)
+    if epochs:
+        trainer.start_stream(start_epoch)
     for epoch in tqdm(epochs, desc="epochs", disable=not workers.is_chief):
         if progress.record(trainer.run_epoch(epoch)) and workers.is_chief:
             progress.best_weights = trainer.model.get_weights()
-        progress.stopped_early = bool(config.early_stopping_patience) and progress.stale >= config.early_stopping_patience
+        progress.stopped_early = bool(patience) and progress.stale >= patience
         seed_states = dist.gather(randomness.get_states(trainer.model))
-        if workers.is_chief:
-            checkpoint.save(fs, root, trainer, progress, seed_states)
+        if workers.is_chief:   # history first: a kill before the checkpoint names the epoch redoes it
             write_atomic(fs, f"{root}/history.csv", records.history_csv(progress))
+            checkpoint.save(fs, root, trainer, progress, seed_states)
         if progress.stopped_early:
             log.info("early stopping: val top-5 has not improved for %d epochs", progress.stale)
             break
     results = records.results(config, progress, trainer.model, workers.size, start_epoch)
     if workers.is_chief:
+        write_atomic(fs, f"{root}/history.csv", records.history_csv(progress))
         trainer.model.set_weights(progress.best_weights)
         saved.save(trainer.model, trainer.data.manifest["classes"], config.output, config.storage_options)
         write_atomic(fs, f"{root}/results.json", dump_json(results))

@@ -29,7 +29,7 @@ distributed = trainer.evaluate()
 distributed = [distributed.top1, distributed.top5]
 alone = None
 if workers.is_chief:
-    counts = np.zeros(3)
+    counts = np.zeros(4)
     for images, labels in trainer.data.evaluate("val", 0, 1):
         counts += trainer.eval_step(images, labels).numpy()
     alone = [counts[0] / counts[2], counts[1] / counts[2]]

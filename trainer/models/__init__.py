@@ -31,6 +31,13 @@ MODELS: dict[str, str] = {
 }
 
 
+def dropout_rates(model) -> list[float]:
+    """The dropout rates a built model uses, in layer order (empty for models without dropout)."""
+    import keras
+
+    return [float(layer.rate) for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
+
+
 def build_model(config: ModelConfig, num_classes: int, image_size: int):
     """The uncompiled keras.Model."""
     module, _, name = MODELS[config.name].partition(":")
@@ -43,5 +50,6 @@ def build_model(config: ModelConfig, num_classes: int, image_size: int):
     except UsageError:
         raise
     except ValueError as exc:   # Keras: a layer's output would be smaller than one pixel, or too small an input
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"--image-size {image_size} does not fit --model {config.name}: {reason}") from None
+        reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())[:300]
+        raise UsageError(f"--image-size {image_size} does not fit --model {config.name}: its layers cannot be built "
+                         f"for that size ({reason or type(exc).__name__})") from None
