@@ -38,6 +38,14 @@ def test_local_pods_train_together(train_shards, tmp_path):
     assert ranks[0]["checksums"][0] == ranks[0]["checksums"][1]
 
 
+def test_local_pods_serve_metrics_on_ports_of_their_own(train_shards, tmp_path):
+    # Local pods share 127.0.0.1: each pod's metrics ports come after the previous pod's (both were P + 0).
+    result = launch("--local-pods", "2", "--", sys.executable, "-m", "trainer.train", "--data", str(train_shards),
+                    "--output", str(tmp_path / "out"), "--preset", "seed-model1", "--epochs", "1",
+                    "--batch-size", "64", "--metrics-port", str(free_port()))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_a_failing_rank_stops_the_job_fast():
     script = ("import sys, horovod.tensorflow as hvd, tensorflow as tf; hvd.init()\n"
               "if hvd.rank() == 1: sys.exit(3)\n"

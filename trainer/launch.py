@@ -126,10 +126,13 @@ MAX_LOCAL_PODS = 16   # local mode is for tests and demos on one machine
 
 
 def run_local(pods: int, slots: int, port: int, command: list[str]) -> int:
-    """N pods as local process groups on 127.0.0.1: the same launcher, as tests and the demo run it."""
+    """N pods as local process groups on 127.0.0.1: the same launcher, as tests and the demo run it.
+    Real pods each have their own address; local ones share one, so each pod's ports (trainer.train's
+    --metrics-port + local rank) are moved past the previous pods' (TRAINER_PORT_OFFSET)."""
     launchers = [subprocess.Popen([sys.executable, "-m", "trainer.launch", "--pods", str(pods), "--slots", str(slots),
                                    "--pod-index", str(i), "--host-template", "pod-{index}", "--rendezvous-addr",
-                                   "127.0.0.1", "--port", str(port), "--iface", "lo", "--", *command])
+                                   "127.0.0.1", "--port", str(port), "--iface", "lo", "--", *command],
+                                  env={**os.environ, "TRAINER_PORT_OFFSET": str(i * slots)})
                  for i in range(pods)]
     return _wait(launchers, [f"pod {i}" for i in range(pods)])
 

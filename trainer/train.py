@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 
 from ingest import cli
@@ -116,7 +117,8 @@ def train(config: TrainConfig, workers, restart: bool = False) -> dict:
     metrics = None
     if config.metrics_port is not None:   # one port per process on a node: base + local rank
         info = {"model": config.model.name, "workers": str(workers.size), "version": version("imagenet-k8s-trainer")}
-        metrics = TrainerMetrics(workers.rank, info, config.metrics_port + workers.local_rank)
+        offset = int(os.environ.get("TRAINER_PORT_OFFSET", "0"))   # local pods sharing one address (trainer.launch)
+        metrics = TrainerMetrics(workers.rank, info, config.metrics_port + workers.local_rank + offset)
     trainer = Trainer(config, workers, metrics)
     fs, root = Location(config.output, config.storage_options).open()
     progress = checkpoint.restore(fs, root, trainer, restart)   # refuses other settings before anything is written
