@@ -3,9 +3,11 @@
 Epoch e: every rank computes the same seeded permutation of the split's shards and takes
 `shards[rank::size]`. With fewer shards than ranks, the ranks share shards: rank r reads shard
 r % n and keeps the samples i with i % k == r // n, where k ranks share that shard, so each
-sample is still read by exactly one rank. The training stream repeats forever; every rank runs
-`steps_per_epoch = floor(train_samples / global_batch)` steps, so none runs dry and hangs an
-allreduce. Evaluation reads each rank's share of the split exactly once.
+sample is still read by exactly one rank. A training epoch is one pass over each rank's share,
+shuffled and augmented from (seed, rank, epoch), cut to `steps_in_epoch` batches (the smallest
+rank's share), so every rank runs the same steps and none hangs an allreduce, and a stream started
+at epoch e is the whole stream from e on (exact resume). Evaluation reads each rank's share of the
+split exactly once.
 
 Shards are checked against the manifest's sha256 when read, so a damaged shard is skipped whole.
 An image that still fails to decode makes its batch fail; `ignore_errors` drops that batch and its
@@ -195,9 +197,11 @@ class Dataset:
                           (tf.strings.substr(data, offsets, lengths), labels)).unbatch()
 
     def _decode(self, samples: tf.data.Dataset, transform: Callable, drops: DecodeDrops, drop_remainder: bool,
-                finite: bool) -> tf.data.Dataset:
+                whole: bool) -> tf.data.Dataset:
         """Decode + augment in a parallel map, drop and count the images that fail, batch. The stream
-        ends by raising the reader's fatal failure, if there was one."""
+        ends by raising the reader's fatal failure, if there was one. `whole`: every sample read is
+        meant to come out (evaluation), so those that never did are counted as dropped at the end;
+        training reads more than it takes (the rest of a share, a shuffle buffer's worth)."""
         decoded = samples.enumerate().map(lambda number, sample: (*transform(number, sample), number),
                                           num_parallel_calls=AUTOTUNE, deterministic=self.config.deterministic)
         # ignore_errors after the batch: between them it would stop tf.data fusing the map into the
@@ -211,7 +215,7 @@ class Dataset:
         batches = decoded.batch(self.config.batch_size, drop_remainder=drop_remainder).ignore_errors().map(count)
 
         def end() -> Iterator:
-            if finite:
+            if whole:
                 drops.finish()
             self.source.check()
             yield from ()
@@ -253,7 +257,7 @@ class Dataset:
         size_, augment = self.config.image_size, self.config.augment
         return self._decode(stream, lambda number, sample: (train_image(sample[1], sample[0], size_, augment),
                                                             sample[2]),
-                            drops, drop_remainder=True, finite=False)
+                            drops, drop_remainder=True, whole=False)
 
     def evaluate(self, split: str = "val", rank: int = 0, size: int = 1) -> tf.data.Dataset:
         """This rank's share of the split, once, in batches (the last one may be smaller)."""
@@ -266,4 +270,4 @@ class Dataset:
         size_, augment = self.config.image_size, self.config.augment
         return self._decode(self._stream(assignments, labelled, drops),
                             lambda number, sample: (eval_image(sample[0], size_, augment), sample[1]),
-                            drops, drop_remainder=False, finite=True)
+                            drops, drop_remainder=False, whole=True)
