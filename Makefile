@@ -22,17 +22,19 @@ test: setup
 	$(BIN)/python -m pytest
 
 # End to end on this machine: synthesise a small TinyImageNet-layout set (with real-data quirks),
-# shard it, verify it, train the seed's Model 1 on 2 Horovod workers serving Prometheus metrics on
+# shard it, verify it, train the seed's Model 1 on 2 Horovod workers (two local "pods" of the project's
+# launcher, as on Kubernetes, rendezvous on 127.0.0.1:$(RENDEZVOUS_PORT)) serving Prometheus metrics on
 # 127.0.0.1:$(METRICS_PORT) and +1 (deploy/prometheus/prometheus.yml scrapes them), print the results row.
 METRICS_PORT ?= 9400
+RENDEZVOUS_PORT ?= 29500
 demo: setup
 	rm -rf $(DEMO)
 	$(BIN)/python -m ingest.synth --output $(DEMO)/tiny-imagenet-200 --classes 10 \
 		--train-per-class 200 --val-per-class 20 --quirks
 	$(BIN)/python -m ingest.shard --input $(DEMO)/tiny-imagenet-200 --output $(DEMO)/shards --shard-size 200
 	$(BIN)/python -m ingest.verify $(DEMO)/shards
-	$(BIN)/horovodrun -np 2 -H localhost:2 --gloo $(BIN)/python -m trainer.train --data $(DEMO)/shards \
-		--output $(DEMO)/run --preset seed-model1-aug --epochs 6 --batch-size 32 --lr 0.002 --log-level WARNING \
+	$(BIN)/python -m trainer.launch --local-pods 2 --port $(RENDEZVOUS_PORT) -- \
+		$(BIN)/python -m trainer.train --data $(DEMO)/shards --output $(DEMO)/run --preset seed-model1-aug --epochs 6 --batch-size 32 --lr 0.002 --log-level WARNING \
 		--metrics-port $(METRICS_PORT)
 	@echo "results row ($(DEMO)/run/results.json):" && cat $(DEMO)/run/results.json
 
