@@ -36,6 +36,9 @@ class TrainerMetrics:
         Info("trainer", "The run: model, workers, version", registry=self.registry).info(info)
         for reason in SKIP_REASONS:   # start at 0: dashboards and rate() see them before the first skip
             self.skipped.labels(self.rank, reason)
+        # From start-up, before the first step: a run stalled in its first allreduce shows a rate of 0
+        # (the TrainingStalled alert), not an absent series.
+        self.images.labels(self.rank)
         self._read_bytes = 0
         self._skipped: dict[str, int] = {}
         if port is not None:
