@@ -100,7 +100,7 @@ def test_schema_catches_mistakes_and_the_urls_are_required():
         good = scenario("default")
         chart.validate_schema(good)
         for bad in ({"workers": 0}, {"gpusPerWorker": "8"}, {"train": {"preset": "resnet-50"}},
-                    {"train": {"extraArgs": "--lr=0.1"}}, {"restartPolicy": "Always"}, {"wokers": 2},
+                    {"train": {"extraArgs": "--lr=0.1"}}, {"restartPolicy": "OnFailure"}, {"wokers": 2},
                     {"s3": {"secretAccessKey": "inline"}}, {"networkPolicy": {"enabled": "yes"}},
                     {"networkPolicy": {"metricsFrom": {"namespaceSelector": {}}}},
                     {"networkPolicy": {"metricsFrom": [{"namespaceSelectors": {}}]}},
@@ -143,6 +143,31 @@ def test_every_value_has_a_comment():
         checked += 1
         assert lines[number - 1].lstrip().startswith("#"), f"values.yaml:{number + 1}: {line.strip()} has no comment"
     assert checked >= 50
+
+
+@pytest.mark.parametrize(("name", "container", "permanent"), [("t-trainer", "trainer", [2, 3, 4, 6]),
+                                                               ("t-trainer-ingest", "ingest", [2, 3, 4, 5])])
+def test_jobs_recover_from_disruptions_without_a_human(name, container, permanent):
+    from ingest import errors as ingest_errors
+    from trainer import errors as trainer_errors
+
+    values = scenario("ingest")
+    values["train"]["enabled"] = True   # both Jobs in one release
+    values["output"] = {"url": "s3://runs/r"}
+    objects, _ = render(values)
+    spec = find(objects, "Job", name)["spec"]
+    # Pods replaced, never restarted in place; a replacement only once the failed pod is gone.
+    assert spec["template"]["spec"]["restartPolicy"] == "Never" and spec["podReplacementPolicy"] == "Failed"
+    ignore, fail = spec["podFailurePolicy"]["rules"]
+    # Preemption, eviction, a node drained: not counted against backoffLimit.
+    assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    assert fail == {"action": "FailJob", "onExitCodes": {"containerName": container, "operator": "In",
+                                                         "values": permanent}}
+    # The permanent codes are the CLIs' own: bad flags, bad data, output refused, incomplete, diverged.
+    codes = {ingest_errors.EXIT_USAGE, ingest_errors.EXIT_INPUT, ingest_errors.EXIT_OUTPUT,
+             ingest_errors.EXIT_INCOMPLETE if container == "ingest" else trainer_errors.EXIT_DIVERGED}
+    assert set(permanent) == codes and ingest_errors.EXIT_FAILED not in permanent   # 1: retried
+    assert [c["name"] for c in spec["template"]["spec"]["containers"]][0] == container
 
 
 def test_trainer_job_runs_n_indexed_gpu_pods_behind_a_headless_service():

@@ -97,7 +97,7 @@ def test_training_data_that_disappears_stops_the_run_with_one_line(shards, tmp_p
         path.unlink()
     result = run_cli("trainer.train", "--data", gone, "--output", tmp_path / "out", "--preset", "seed-model1",
                      "--epochs", "1")
-    assert result.returncode == 3, result.stderr[-3000:]
+    assert result.returncode == 1, result.stderr[-3000:]   # perhaps an outage: a Job retries it
     assert "error: reading the training data: 20 shards in a row could not be read" in result.stderr, \
         result.stderr[-3000:]
     assert "Traceback" not in result.stderr

@@ -14,7 +14,7 @@ import os
 import sys
 
 from ingest import cli
-from ingest.errors import InputError
+from ingest.errors import InputError, StorageError
 from ingest.storage import parse_storage_options
 
 from .config import LR_SCALINGS, LR_SCHEDULES, OPTIMIZERS, PRESETS, TrainConfig, from_preset, preset_for
@@ -174,8 +174,8 @@ def _run(args: argparse.Namespace, config: TrainConfig) -> int:
         results = train(config, workers, args.restart)
     except ValueError as exc:    # a setting that does not fit the dataset (e.g. fewer samples than a batch)
         raise InputError(str(exc)) from None
-    except StorageGone as exc:   # the shards stopped being readable mid-run
-        raise InputError(f"reading the training data: {exc}") from None
+    except StorageGone as exc:   # the shards stopped being readable mid-run: perhaps for a while only
+        raise StorageError(f"reading the training data: {exc}; rerun to resume from the last checkpoint") from None
     except Exception as exc:
         cause = dist.collective_failure(exc)
         if cause is None:

@@ -94,10 +94,30 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/* Pod-level settings shared by the trainer and the ingest pods. */}}
+{{/*
+Recovery without a human (a Job spec fragment; `containerName` and the permanent `exitCodes` in the dict):
+disruptions (preemption, eviction, a node drained) never count against backoffLimit; a permanent
+failure (bad flags, bad data) fails the Job at once; anything else is retried, each failed pod
+replaced only once it has terminated (never two pods of one index: Horovod ranks would clash).
+*/}}
+{{- define "trainer.recovery" -}}
+podReplacementPolicy: Failed
+podFailurePolicy:
+  rules:
+    - action: Ignore
+      onPodConditions:
+        - type: DisruptionTarget
+    - action: FailJob
+      onExitCodes:
+        containerName: {{ .containerName }}
+        operator: In
+        values: {{ .exitCodes | toJson }}
+{{- end }}
+
 {{- define "trainer.podSpecCommon" -}}
 serviceAccountName: {{ include "trainer.serviceAccountName" . }}
 automountServiceAccountToken: false
-restartPolicy: {{ .Values.restartPolicy }}
+restartPolicy: Never
 {{- with .Values.priorityClassName }}
 priorityClassName: {{ . }}
 {{- end }}
