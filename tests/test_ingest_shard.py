@@ -321,7 +321,8 @@ def start_committing(source, out, args: list[str]) -> tuple[subprocess.Popen, li
     while not workers:
         assert time.monotonic() < deadline and process.poll() is None, "the run ended before a worker was found"
         time.sleep(0.002)
-        if (out / "_index").is_dir() and len(os.listdir(out / "_index")) >= 4:
+        # Committed shards' entries (beside plan.json): at least 4 before the interruption.
+        if (out / "_index").is_dir() and len([n for n in os.listdir(out / "_index") if n.endswith(".tar.json")]) >= 4:
             workers = pool_workers(process.pid)
     return process, workers
 
