@@ -192,7 +192,8 @@ def test_trainer_job_runs_n_indexed_gpu_pods_behind_a_headless_service():
                                 "--rendezvous-timeout=600", "--iface=eth0"]
     assert args[separator + 1:] == ["python", "-m", "trainer.train", "--data=s3://datasets/imagenet",
                                     "--output=s3://runs/resnet50", "--preset=resnet50-imagenet", "--epochs=90",
-                                    "--batch-size=64", "--metrics-port=9400", "--mixed-precision", "--lr-schedule=cosine"]
+                                    "--batch-size=64", "--metrics-port=9400", "--stall-timeout=300", "--mixed-precision",
+                                    "--lr-schedule=cosine"]
     assert container["resources"] == {"requests": {"cpu": "48", "memory": "320Gi"},
                                       "limits": {"memory": "400Gi", "nvidia.com/gpu": 8}}
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}

@@ -2,6 +2,7 @@
 command resumes; a checkpoint interrupted mid-write is never the one resumed from."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -101,3 +102,40 @@ def test_training_data_that_disappears_stops_the_run_with_one_line(shards, tmp_p
     assert "error: reading the training data: 20 shards in a row could not be read" in result.stderr, \
         result.stderr[-3000:]
     assert "Traceback" not in result.stderr
+
+
+def test_a_frozen_rank_ends_the_job_within_the_stall_timeout(shards, tmp_path):
+    """A peer frozen, not killed (a node gone without a TCP reset looks the same): the other rank
+    waits in its allreduce, which Gloo bounds only by the long start-up timeout the chart sets."""
+    out = tmp_path / "out"
+    train = [sys.executable, "-m", "trainer.train", "--data", str(shards), "--output", str(out),
+             "--preset", "seed-model1", "--batch-size", "16", "--epochs", "50", "--stall-timeout", "30"]
+    log = tmp_path / "stderr"   # a file, not a pipe: a process left behind must not hold the test up
+    with log.open("w") as errors:
+        job = subprocess.Popen([sys.executable, "-m", "trainer.launch", "--local-pods", "2", "--port",
+                                str(free_port()), "--", *train], cwd=REPO, stdout=subprocess.DEVNULL, stderr=errors,
+                               text=True, env={**os.environ, "HOROVOD_GLOO_TIMEOUT_SECONDS": "600"})
+    frozen = None
+    try:
+        while not (out / "checkpoints" / "latest.json").exists():   # training is under way
+            assert job.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        frozen = ranks_of(str(out))[1]
+        os.kill(frozen, signal.SIGSTOP)
+        stopped = time.monotonic()
+        job.wait(timeout=120)
+        ended = time.monotonic() - stopped
+        time.sleep(1)
+        assert not Path(f"/proc/{frozen}").exists(), "the frozen rank was left behind"
+    finally:
+        if frozen is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(frozen, signal.SIGCONT)
+                os.kill(frozen, signal.SIGKILL)
+        job.kill()
+    stderr = log.read_text()
+    assert job.returncode == 7, stderr[-3000:]
+    assert ended < 90, ended
+    (line,) = [line for line in stderr.splitlines() if "error: rank 0: no progress for" in line]   # after tqdm's \r
+    assert "(--stall-timeout 30) while waiting for epoch" in line and "its allreduce with the other ranks" in line
+    assert "Traceback" not in stderr

@@ -59,7 +59,8 @@ LR_SCALINGS = ("linear", "sqrt", "none")        # the keys of trainer.optim.SCAL
 # Settings a rerun may change and still resume: extend a run, change when it stops early, where it
 # serves metrics, how its output and data are spelt or where they moved (the checkpoint checks that
 # the dataset is the same one: its manifest's plan id).
-RESUMABLE = frozenset({"epochs", "early_stopping_patience", "metrics_port", "output", "storage_options", "data"})
+RESUMABLE = frozenset({"epochs", "early_stopping_patience", "metrics_port", "output", "storage_options", "data",
+                       "stall_timeout"})
 
 
 @dataclass
@@ -86,6 +87,7 @@ class TrainConfig:
     seed: int = 0                               # of weights, data order, augmentation and dropout
     deterministic: bool = False                 # same seed -> same weights and metrics (slower)
     metrics_port: int | None = None             # this port + the local rank, one per process
+    stall_timeout: float = 300.0                # seconds without progress before a rank gives up; 0: never
     storage_options: dict[str, Any] = field(default_factory=dict)   # fsspec's, for data and output; no secrets
 
     def __post_init__(self) -> None:
@@ -98,6 +100,7 @@ class TrainConfig:
             (self.epochs >= 1, f"epochs {self.epochs} must be >= 1"),
             (self.batch_size >= 1, f"batch size {self.batch_size} must be >= 1"),
             (0 < self.lr < math.inf, f"learning rate {self.lr} must be a finite number > 0"),
+            (0 <= self.stall_timeout < math.inf, f"stall timeout {self.stall_timeout} must be a finite number >= 0"),
             (self.warmup_epochs >= 0, f"warmup epochs {self.warmup_epochs} must be >= 0"),
             (self.lr_schedule in LR_SCHEDULES,
              f"lr schedule {self.lr_schedule!r} unknown; choose one of {LR_SCHEDULES}"),

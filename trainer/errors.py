@@ -5,6 +5,7 @@ from __future__ import annotations
 from ingest.errors import EXIT_FAILED, EXIT_USAGE, IngestError
 
 EXIT_DIVERGED = 6   # the training loss became NaN or infinite; lower --lr and rerun with --restart
+EXIT_STALLED = 7    # no step completed within --stall-timeout (a peer gone or frozen); rerun to resume
 
 
 class UsageError(IngestError):

@@ -47,11 +47,14 @@ def eval_step(model: keras.Model):
     return step
 
 
-def count(step, batches) -> tf.Tensor:
-    """Summed [top-1 hits, top-5 hits, samples, non-finite outputs] over the batches."""
+def count(step, batches, progress=None) -> tf.Tensor:
+    """Summed [top-1 hits, top-5 hits, samples, non-finite outputs] over the batches; `progress()`
+    is called after each one."""
     counts = tf.zeros([4])
     for images, labels in batches:
         counts += step(images, labels)
+        if progress:
+            progress()
     return counts
 
 

@@ -12,6 +12,7 @@ one process per slot (GPU) with the HOROVOD_* environment that `horovodrun --glo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import os
 import signal
@@ -25,6 +26,7 @@ from horovod.runner.common.util.hosts import get_host_assignments, parse_hosts
 from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
 
 POLL_SECONDS = 0.2
+STOP_GRACE_SECONDS = 10   # for the others to exit after SIGTERM, then SIGKILL
 
 
 def host_plan(pods: int, slots: int, template: str) -> list:
@@ -94,7 +96,7 @@ def run_pod(index: int, pods: int, slots: int, template: str, rendezvous_addr: s
             server.shutdown()
 
 
-def _wait(processes: list[subprocess.Popen], names: list[str]) -> int:
+def _wait(processes: list[subprocess.Popen], names: list[str], grace: float = STOP_GRACE_SECONDS) -> int:
     """Exit code of the first process to fail (0 when all succeed); the rest are then stopped,
     also when this launcher is itself stopped (SIGTERM from Kubernetes or a parent launcher)."""
     try:
@@ -112,8 +114,15 @@ def _wait(processes: list[subprocess.Popen], names: list[str]) -> int:
         for process in processes:
             if process.poll() is None:
                 process.terminate()
+                with contextlib.suppress(ProcessLookupError):   # a frozen process handles SIGTERM once it runs
+                    os.kill(process.pid, signal.SIGCONT)
+        deadline = time.monotonic() + grace
         for process in processes:
-            process.wait()
+            try:
+                process.wait(timeout=max(deadline - time.monotonic(), 0))
+            except subprocess.TimeoutExpired:   # e.g. frozen (SIGSTOP): SIGTERM waits for it to run again
+                process.kill()
+                process.wait()
 
 
 def _describe(code: int) -> str:
@@ -134,7 +143,8 @@ def run_local(pods: int, slots: int, port: int, command: list[str]) -> int:
                                    "127.0.0.1", "--port", str(port), "--iface", "lo", "--", *command],
                                   env={**os.environ, "TRAINER_PORT_OFFSET": str(i * slots)})
                  for i in range(pods)]
-    return _wait(launchers, [f"pod {i}" for i in range(pods)])
+    # Longer than each pod's own grace: a pod launcher stops its processes before it is killed.
+    return _wait(launchers, [f"pod {i}" for i in range(pods)], grace=2 * STOP_GRACE_SECONDS)
 
 
 def build_parser() -> argparse.ArgumentParser:

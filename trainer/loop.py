@@ -88,6 +88,7 @@ class Trainer:
         self.loss_fn = optim.build_loss(config, self.data.num_classes)
         self.eval_step = evaluation.eval_step(self.model)
         self.train_stream = None
+        self.watchdog = None   # trainer.watchdog.Watchdog, set by the CLI
 
     def broadcast(self) -> None:
         """Every rank takes rank 0's weights and optimizer state; not the random state, which is per rank."""
@@ -122,9 +123,11 @@ class Trainer:
         started, waiting = time.perf_counter(), 0.0
         for step in range(steps):
             raise_if_terminated()
+            self.progress(f"the input pipeline's batch for epoch {epoch}, step {step}")
             asked = time.perf_counter()
             images, labels = self.next_batch()
             got = time.perf_counter()
+            self.progress(f"epoch {epoch}, step {step}: its allreduce with the other ranks")
             result = self.train_step(images, labels)
             if previous is not None:   # checked a step late, so that the check never waits for a step
                 _check_finite(epoch, step - 1, previous)
@@ -134,6 +137,7 @@ class Trainer:
                 self.metrics.record_step(self.config.batch_size, time.perf_counter() - asked, got - asked)
         _check_finite(epoch, steps - 1, previous)
         seconds = time.perf_counter() - started
+        self.progress(f"the end of epoch {epoch}: averaging statistics with the other ranks")
         self.sync_statistics()
         # The last step's update is after its (finite) loss: weights it made infinite would otherwise
         # be evaluated, checkpointed and saved as the best model.
@@ -161,9 +165,15 @@ class Trainer:
     def evaluate(self, split: str = "val") -> evaluation.Accuracy:
         """Exact top-1, top-5 over the whole split: each rank counts its share, counts are summed."""
         with self.data.reader_errors():
-            counts = evaluation.count(self.eval_step, self.data.evaluate(split, self.workers.rank,
-                                                                         self.workers.size))
+            counts = evaluation.count(self.eval_step, self.data.evaluate(split, self.workers.rank, self.workers.size),
+                                      lambda: self.progress(f"the {split} evaluation"))
+        self.progress(f"the {split} evaluation's counts from the other ranks")
         return evaluation.accuracy(dist.total([counts])[0].numpy(), self.data.samples(split))
+
+    def progress(self, waiting_for: str) -> None:
+        """Something was done; what the rank waits for next (the stall watchdog names it)."""
+        if self.watchdog:
+            self.watchdog.beat(waiting_for)
 
     def run_epoch(self, epoch: int) -> EpochResult:
         started = time.perf_counter()

@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
              "input order; slower)")
     add("--restart", action="store_true",
         help="discard the checkpoints and results in --output and start over (a rerun otherwise resumes)")
+    add("--stall-timeout", type=float, metavar="SECONDS",
+        help="a rank that makes no progress (no batch, step or evaluation batch) for this long exits with code 7, "
+             "naming what it waited for, so that a peer gone without a trace does not hang the job (default 300; "
+             "0: never)")
     add("--storage-option", action="append", default=[], metavar="KEY=VALUE",
         help="fsspec storage option for --data and --output, repeatable (e.g. endpoint_url=http://127.0.0.1:9000); "
              "credentials come from the environment, never from flags")
@@ -77,7 +81,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
         "early_stopping_patience": args.early_stopping_patience, "image_size": args.image_size,
         "mixed_precision": args.mixed_precision, "metrics_port": args.metrics_port, "seed": args.seed,
-        "deterministic": args.deterministic, "lr_scaling": args.lr_scaling, "warmup_epochs": args.warmup_epochs,
+        "deterministic": args.deterministic, "stall_timeout": args.stall_timeout, "lr_scaling": args.lr_scaling, "warmup_epochs": args.warmup_epochs,
         "lr_schedule": args.lr_schedule, "lr_decay_epochs": args.lr_decay_epochs,
         "weight_decay": args.weight_decay, "label_smoothing": args.label_smoothing,
         "storage_options": parse_storage_options(args.storage_option) or None}.items() if value is not None}
@@ -113,6 +117,7 @@ def train(config: TrainConfig, workers, restart: bool = False) -> dict:
     from . import checkpoint, dist, randomness, records, saved
     from .loop import Trainer
     from .metrics import TrainerMetrics
+    from .watchdog import Watchdog
 
     metrics = None
     if config.metrics_port is not None:   # one port per process on a node: base + local rank
@@ -135,10 +140,12 @@ def train(config: TrainConfig, workers, restart: bool = False) -> dict:
         write_atomic(fs, f"{root}/config.json", dump_json(config.to_json()))
     if epochs:
         trainer.start_stream(start_epoch)
+    trainer.watchdog = Watchdog(config.stall_timeout, workers.rank).start()
     for epoch in tqdm(epochs, desc="epochs", disable=not workers.is_chief):
         if progress.record(trainer.run_epoch(epoch)) and workers.is_chief:
             progress.best_weights = trainer.model.get_weights()
         progress.stopped_early = bool(patience) and progress.stale >= patience
+        trainer.progress(f"the end of epoch {epoch}: the checkpoint's random states from every rank")
         seed_states = dist.gather(randomness.get_states(trainer.model))
         if workers.is_chief:   # history first: a kill before the checkpoint names the epoch redoes it
             write_atomic(fs, f"{root}/history.csv", records.history_csv(progress))
@@ -146,6 +153,7 @@ def train(config: TrainConfig, workers, restart: bool = False) -> dict:
         if progress.stopped_early:
             log.info("early stopping: val top-5 has not improved for %d epochs", progress.stale)
             break
+    trainer.watchdog.stop()   # no collective is left: only rank 0's own writes
     results = records.results(config, progress, trainer.model, workers.size, start_epoch)
     if workers.is_chief:
         write_atomic(fs, f"{root}/history.csv", records.history_csv(progress))
