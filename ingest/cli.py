@@ -25,15 +25,18 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None,
         parser.error(str(exc))
 
 
-def run_main(body: Callable[[], int | None], log_level: str = "INFO", kept: str = "committed shards are kept") -> int:
+def run_main(body: Callable[[], int | None], log_level: str = "INFO", kept: str = "committed shards are kept",
+             graceful: bool = False) -> int:
     """Run a CLI body; a user's mistake becomes one line on stderr and an exit code. `kept` says
-    what an interrupted run keeps (for the messages on Ctrl-C and SIGTERM)."""
+    what an interrupted run keeps (for the messages on Ctrl-C and SIGTERM). `graceful`: SIGTERM only
+    sets a flag (`terminating()`), which the body polls to stop at a point of its choosing and then
+    raises Terminated; otherwise it raises Terminated wherever the body is."""
     # Our own messages at the asked level; libraries (botocore, s3fs) only when they warn.
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("ingest").setLevel(log_level)
     # Kubernetes stops a pod with SIGTERM to its PID 1, which ignores signals it does not handle.
     # Only while the body runs: a SIGTERM while reporting or exiting must not become a traceback.
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = signal.signal(signal.SIGTERM, _request_stop if graceful else _terminate)
     try:
         code = body()
     except BaseException as exc:
@@ -66,8 +69,11 @@ def _terminate(signum, frame) -> None:
     raise Terminated()
 
 
-def raise_if_terminated() -> None:
-    """For long loops, at points where stopping is safe: a SIGTERM whose exception was lost (raised
-    inside a finalizer, whose exceptions Python only prints) still stops the run here."""
-    if _terminated:
-        raise Terminated()
+def _request_stop(signum, frame) -> None:
+    global _terminated
+    _terminated = True
+
+
+def terminating() -> bool:
+    """Whether SIGTERM arrived (with `run_main(graceful=True)`, the body's cue to stop)."""
+    return _terminated

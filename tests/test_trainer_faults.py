@@ -104,6 +104,15 @@ def test_training_data_that_disappears_stops_the_run_with_one_line(shards, tmp_p
     assert "Traceback" not in result.stderr
 
 
+def alive(pid: int) -> bool:
+    """Running or stopped; not gone and not a zombie (dead, waiting to be reaped by whoever adopted it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def test_a_frozen_rank_ends_the_job_within_the_stall_timeout(shards, tmp_path):
     """A peer frozen, not killed (a node gone without a TCP reset looks the same): the other rank
     waits in its allreduce, which Gloo bounds only by the long start-up timeout the chart sets."""
@@ -126,7 +135,7 @@ def test_a_frozen_rank_ends_the_job_within_the_stall_timeout(shards, tmp_path):
         job.wait(timeout=120)
         ended = time.monotonic() - stopped
         time.sleep(1)
-        assert not Path(f"/proc/{frozen}").exists(), "the frozen rank was left behind"
+        assert not alive(frozen), "the frozen rank was left behind"
     finally:
         if frozen is not None:
             with contextlib.suppress(ProcessLookupError):

@@ -220,3 +220,59 @@ def test_another_worker_count_is_refused_and_ranks_resume_from_rank_0(shards, tm
     finish(launch(train_command(shards, tmp_path / "reference", "--epochs", "2"), 2))
     assert json.loads((pods / "rank0" / "results.json").read_text())["start_epoch"] == 1
     assert_same_run(tmp_path / "reference", pods / "rank0", tolerance=0.0)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_checkpoints_between_two_steps_and_the_rerun_ends_as_the_whole_run(shards, tmp_path, workers):
+    """A preemption costs a step, not an epoch: the ranks agree on a step, checkpoint there, exit 143;
+    the rerun continues at that step with the same data."""
+    from bench.servers import free_port
+
+    def start(out: Path) -> subprocess.Popen:
+        command = train_command(shards, out, "--epochs", "2", "--batch-size", "8")
+        if workers > 1:   # the project's launcher passes SIGTERM on to its processes, as in a pod
+            command = [sys.executable, "-m", "trainer.launch", "--local-pods", str(workers), "--port",
+                       str(free_port()), "--", *command]
+        return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    whole = start(tmp_path / "whole")
+    assert whole.wait(timeout=600) == 0, whole.stderr.read()[-3000:]
+    out = tmp_path / "stopped"
+    job = start(out)
+    latest = out / "checkpoints" / "latest.json"
+    try:
+        while not latest.exists():   # epoch 0 done: epoch 1 (125 steps of 8) is under way
+            assert job.poll() is None, job.stderr.read()[-3000:]
+            time.sleep(0.05)
+        job.send_signal(signal.SIGTERM)
+        _, stderr = job.communicate(timeout=120)
+    finally:
+        job.kill()
+    assert job.returncode == 143, stderr[-3000:]
+    assert "terminated (SIGTERM): the last checkpoint is kept" in stderr and "Traceback" not in stderr
+    stopped = json.loads(latest.read_text())
+    assert stopped["next_epoch"] == 1 and 0 < stopped["partial"]["step"] < 125, stopped["partial"]
+    assert "-step-" in stopped["state"]
+    rerun = start(out)
+    assert rerun.wait(timeout=600) == 0, rerun.stderr.read()[-3000:]
+    assert_same_run(tmp_path / "whole", out, tolerance=1e-6)
+
+
+def test_checkpoint_every_checkpoints_mid_epoch_and_a_run_killed_after_one_resumes_there(shards, tmp_path):
+    finish(launch(train_command(shards, tmp_path / "whole", "--epochs", "2", "--batch-size", "8"), 1))
+    out = tmp_path / "killed"
+    command = train_command(shards, out, "--epochs", "2", "--batch-size", "8", "--checkpoint-every", "0.005")
+    job = launch(command, 1)
+    latest = out / "checkpoints" / "latest.json"
+    try:   # killed (no chance to checkpoint) once a time-based checkpoint of epoch 1 is committed
+        while not (latest.exists() and (json.loads(latest.read_text()).get("partial") or {}).get("step", 0)
+                   and json.loads(latest.read_text())["next_epoch"] == 1):
+            assert job.poll() is None, job.communicate()[1][-3000:]
+            time.sleep(0.02)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    step = json.loads(latest.read_text())["partial"]["step"]
+    finish(launch(command, 1))
+    assert_same_run(tmp_path / "whole", out, tolerance=1e-6)
+    assert 0 < step < 125

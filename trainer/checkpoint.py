@@ -28,7 +28,7 @@ from . import dist, randomness
 from ingest.errors import EXIT_FAILED, IngestError
 
 from .errors import ConfigMismatch, RestoreFailed
-from .loop import EpochResult, Trainer
+from .loop import EpochResult, Partial, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class Progress:
     best_epoch: int | None = None
     best_weights: list[np.ndarray] | None = None   # rank 0 only: it saves the model
     stopped_early: bool = False
+    partial: Partial | None = None                  # of epoch next_epoch, when checkpointed mid-epoch
 
     @property
     def best(self) -> EpochResult | None:
@@ -61,7 +62,7 @@ class Progress:
     def record(self, result: EpochResult) -> bool:
         """Add an epoch; True when it is the new best."""
         self.history.append(result)
-        self.next_epoch = result.epoch + 1
+        self.next_epoch, self.partial = result.epoch + 1, None
         # Best = highest val top-5, ties (top-5 saturates early on easy data) broken by top-1.
         if self.best is None or (result.val_top5, result.val_top1) > (self.best.val_top5, self.best.val_top1):
             self.best_epoch = result.epoch
@@ -70,20 +71,24 @@ class Progress:
 
 
 def save(fs, root: str, trainer: Trainer, progress: Progress, seed_states: np.ndarray) -> None:
-    """Rank 0 only (`seed_states`: every rank's, from dist.gather). State file first, then the pointer."""
+    """Rank 0 only (`seed_states`: every rank's, from dist.gather). State file first, then the pointer.
+    With `progress.partial`, a mid-epoch checkpoint of epoch `progress.next_epoch`."""
     arrays = {f"model_{i}": w for i, w in enumerate(trainer.model.get_weights())}
     arrays |= {f"optimizer_{i}": np.asarray(v.value) for i, v in enumerate(trainer.optimizer.variables)}
     arrays |= {f"best_{i}": w for i, w in enumerate(progress.best_weights or [])}
     arrays["seed_states"] = seed_states
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    name = f"{DIRECTORY}/epoch-{progress.next_epoch - 1:04d}.npz"
+    partial = progress.partial
+    # Sorted by name in the order they are made: epoch-0003-step-000120 before epoch-0003 (its end).
+    name = (f"{DIRECTORY}/epoch-{progress.next_epoch:04d}-step-{partial.step:06d}.npz" if partial
+            else f"{DIRECTORY}/epoch-{progress.next_epoch - 1:04d}.npz")
     write_atomic(fs, f"{root}/{name}", buffer.getvalue())
     write_atomic(fs, f"{root}/{LATEST}", dump_json({
         "state": name, "next_epoch": progress.next_epoch, "best_epoch": progress.best_epoch,
         "stopped_early": progress.stopped_early, "history": [asdict(r) for r in progress.history],
         "config": trainer.config.to_json(), "workers": trainer.workers.size,
-        "dataset": trainer.data.manifest.get("plan_id")}))
+        "dataset": trainer.data.manifest.get("plan_id"), "partial": asdict(partial) if partial else None}))
     _prune(fs, root, keep=name)
 
 
@@ -142,10 +147,12 @@ def _load(fs, root: str, trainer: Trainer) -> dict | None:
             variable.assign(value)
         best_weights = _series(state, "best") or None
         seed_states = state["seed_states"] if "seed_states" in state.files else None
-    log.info("resuming from %s: epoch %d", latest["state"], latest["next_epoch"])
+    log.info("resuming from %s: epoch %d%s", latest["state"], latest["next_epoch"],
+             f", step {latest['partial']['step']}" if latest.get("partial") else "")
     return {"next_epoch": latest["next_epoch"], "history": [EpochResult(**r) for r in latest["history"]],
             "best_epoch": latest["best_epoch"], "stopped_early": latest["stopped_early"],
-            "best_weights": best_weights, "seed_states": seed_states}
+            "best_weights": best_weights, "seed_states": seed_states,
+            "partial": Partial(**latest["partial"]) if latest.get("partial") else None}
 
 
 def _check_compatible(fs, root: str, latest: dict, trainer: Trainer) -> None:

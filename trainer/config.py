@@ -60,7 +60,7 @@ LR_SCALINGS = ("linear", "sqrt", "none")        # the keys of trainer.optim.SCAL
 # serves metrics, how its output and data are spelt or where they moved (the checkpoint checks that
 # the dataset is the same one: its manifest's plan id).
 RESUMABLE = frozenset({"epochs", "early_stopping_patience", "metrics_port", "output", "storage_options", "data",
-                       "stall_timeout"})
+                       "stall_timeout", "checkpoint_every"})
 
 
 @dataclass
@@ -88,6 +88,7 @@ class TrainConfig:
     deterministic: bool = False                 # same seed -> same weights and metrics (slower)
     metrics_port: int | None = None             # this port + the local rank, one per process
     stall_timeout: float = 300.0                # seconds without progress before a rank gives up; 0: never
+    checkpoint_every: float = 0.0               # minutes between mid-epoch checkpoints; 0: at epoch ends only
     storage_options: dict[str, Any] = field(default_factory=dict)   # fsspec's, for data and output; no secrets
 
     def __post_init__(self) -> None:
@@ -101,6 +102,8 @@ class TrainConfig:
             (self.batch_size >= 1, f"batch size {self.batch_size} must be >= 1"),
             (0 < self.lr < math.inf, f"learning rate {self.lr} must be a finite number > 0"),
             (0 <= self.stall_timeout < math.inf, f"stall timeout {self.stall_timeout} must be a finite number >= 0"),
+            (0 <= self.checkpoint_every < math.inf,
+             f"checkpoint every {self.checkpoint_every} minutes must be a finite number >= 0"),
             (self.warmup_epochs >= 0, f"warmup epochs {self.warmup_epochs} must be >= 0"),
             (self.lr_schedule in LR_SCHEDULES,
              f"lr schedule {self.lr_schedule!r} unknown; choose one of {LR_SCHEDULES}"),

@@ -223,11 +223,13 @@ class Dataset:
         ending = tf.data.Dataset.from_generator(end, output_signature=batches.element_spec)
         return batches.concatenate(ending).prefetch(AUTOTUNE)
 
-    def train(self, rank: int = 0, size: int = 1, start_epoch: int = 0, end_epoch: int | None = None) -> tf.data.Dataset:
+    def train(self, rank: int = 0, size: int = 1, start_epoch: int = 0, end_epoch: int | None = None,
+              start_step: int = 0) -> tf.data.Dataset:
         """(images [batch, s, s, 3] float32, labels [batch] int32) for this rank, epochs `start_epoch`
         up to `end_epoch` (default: one epoch), each exactly `steps_in_epoch` batches of one pass over
         this rank's share. Epoch e's order and augmentation depend only on (seed, rank, e), so a run
-        resumed at epoch e reads what the uninterrupted run read."""
+        resumed at epoch e reads what the uninterrupted run read; `start_step` batches of the first epoch
+        are skipped before decoding (a resume from a mid-epoch checkpoint)."""
         names = self._shard_names("train")
         if not names:
             raise ValueError("the dataset's train split has no shards")
@@ -236,7 +238,7 @@ class Dataset:
         signature = (tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int32))
         drops = DecodeDrops(self.source.stats)
 
-        def one_epoch(epoch: int) -> tf.data.Dataset:
+        def one_epoch(epoch: int, skip: int = 0) -> tf.data.Dataset:
             def shards() -> Iterator[tuple[str, int, int]]:
                 if not self.source.failure:
                     yield from assign_shards(names, epoch, seed, rank, size)
@@ -248,10 +250,10 @@ class Dataset:
             augment_seed = tf.constant(randomness.derive(seed, rank, f"augment-{epoch}"), tf.int64)
             # A share left short by skipped shards is read again to fill the epoch: every rank must run
             # the same steps. (An empty share ends the epoch: repeat() stops on an empty input.)
-            return samples.repeat().take(self.steps_in_epoch(epoch, size) * batch).enumerate().map(
+            return samples.repeat().take(self.steps_in_epoch(epoch, size) * batch).enumerate().skip(skip).map(
                 lambda index, sample: (tf.stack([augment_seed, index]), *sample))
 
-        stream = one_epoch(start_epoch)
+        stream = one_epoch(start_epoch, start_step * batch)
         for epoch in range(start_epoch + 1, end_epoch):
             stream = stream.concatenate(one_epoch(epoch))
         size_, augment = self.config.image_size, self.config.augment

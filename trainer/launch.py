@@ -96,11 +96,34 @@ def run_pod(index: int, pods: int, slots: int, template: str, rendezvous_addr: s
             server.shutdown()
 
 
-def _wait(processes: list[subprocess.Popen], names: list[str], grace: float = STOP_GRACE_SECONDS) -> int:
-    """Exit code of the first process to fail (0 when all succeed); the rest are then stopped,
-    also when this launcher is itself stopped (SIGTERM from Kubernetes or a parent launcher)."""
+_children: list[subprocess.Popen] = []   # what a SIGTERM to this launcher is passed on to
+_stopping = threading.Event()
+
+
+def _forward_sigterm(signum, frame) -> None:
+    """Kubernetes stops a pod with SIGTERM (to this launcher, PID 1): each process gets it, finishes
+    its step, checkpoints with the others and exits 143; the launcher waits for them all."""
+    if not _children:   # nothing started yet (waiting for the rendezvous): just stop
+        sys.exit(143)
+    _stopping.set()
+    for process in _children:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):   # a frozen process handles it once it runs
+                os.kill(process.pid, signal.SIGCONT)
+
+
+def _wait(processes: list[subprocess.Popen], names: list[str], grace: float = STOP_GRACE_SECONDS,
+          groups: bool = False) -> int:
+    """Exit code of the first process to fail (0 when all succeed); the rest are then stopped. After
+    a SIGTERM to this launcher, every process is waited for (they checkpoint before they exit).
+    `groups`: each process leads a process group, killed whole if it outlasts the grace period."""
+    _children.extend(processes)
     try:
         while True:
+            if _stopping.is_set():
+                codes = [p.wait() for p in processes]
+                return next((c if c > 0 else 128 - c for c in codes if c), 0)
             codes = [p.poll() for p in processes]
             failed = [(name, c) for name, c in zip(names, codes) if c not in (None, 0)]
             if failed:
@@ -121,7 +144,10 @@ def _wait(processes: list[subprocess.Popen], names: list[str], grace: float = ST
             try:
                 process.wait(timeout=max(deadline - time.monotonic(), 0))
             except subprocess.TimeoutExpired:   # e.g. frozen (SIGSTOP): SIGTERM waits for it to run again
-                process.kill()
+                if groups:
+                    os.killpg(process.pid, signal.SIGKILL)
+                else:
+                    process.kill()
                 process.wait()
 
 
@@ -141,10 +167,11 @@ def run_local(pods: int, slots: int, port: int, command: list[str]) -> int:
     launchers = [subprocess.Popen([sys.executable, "-m", "trainer.launch", "--pods", str(pods), "--slots", str(slots),
                                    "--pod-index", str(i), "--host-template", "pod-{index}", "--rendezvous-addr",
                                    "127.0.0.1", "--port", str(port), "--iface", "lo", "--", *command],
-                                  env={**os.environ, "TRAINER_PORT_OFFSET": str(i * slots)})
+                                  env={**os.environ, "TRAINER_PORT_OFFSET": str(i * slots)}, start_new_session=True)
                  for i in range(pods)]
     # Longer than each pod's own grace: a pod launcher stops its processes before it is killed.
-    return _wait(launchers, [f"pod {i}" for i in range(pods)], grace=2 * STOP_GRACE_SECONDS)
+    # A pod that does not stop in time is killed with its processes, as a node's kubelet would.
+    return _wait(launchers, [f"pod {i}" for i in range(pods)], grace=2 * STOP_GRACE_SECONDS, groups=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--local-pods {args.local_pods} must be in 1..{MAX_LOCAL_PODS}: each is a process on this machine")
     if not 0 <= args.pod_index < args.pods and not args.local_pods:
         parser.error(f"pod index {args.pod_index} must be in 0..{args.pods - 1}")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # Kubernetes stops pods with SIGTERM
+    signal.signal(signal.SIGTERM, _forward_sigterm)
     if args.local_pods:
         return run_local(args.local_pods, args.slots, args.port, command)
     return run_pod(args.pod_index, args.pods, args.slots, args.host_template,

@@ -11,12 +11,13 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import keras
 import tensorflow as tf
 
-from ingest.cli import raise_if_terminated
+from ingest.cli import terminating
 
 from . import dist, evaluation, optim, randomness
 from .config import TrainConfig
@@ -27,6 +28,16 @@ from .models import build_model, dropout_rates
 from .shards import StorageGone
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Partial:
+    """A training epoch in progress, as a mid-epoch checkpoint keeps it."""
+
+    step: int                  # steps of the epoch done
+    sums: list[float]          # [loss, top-1 hits, top-5 hits] over those steps, averaged over the ranks
+    waiting: float             # seconds rank 0 waited for data in them
+    seconds: float             # and spent in them
 
 
 @dataclass
@@ -89,19 +100,26 @@ class Trainer:
         self.eval_step = evaluation.eval_step(self.model)
         self.train_stream = None
         self.watchdog = None   # trainer.watchdog.Watchdog, set by the CLI
+        # Mid-epoch checkpoints: the CLI's on_boundary saves one where the ranks agreed to.
+        self.checkpoint_every = config.checkpoint_every * 60
+        self.last_checkpoint = time.monotonic()
+        self.stop_requested = False
+        self.on_boundary: Callable[[int, Partial], None] = lambda epoch, partial: None
 
     def broadcast(self) -> None:
         """Every rank takes rank 0's weights and optimizer state; not the random state, which is per rank."""
         dist.broadcast_from_chief(self.model.weights + self.optimizer.variables)
 
-    def start_stream(self, epoch: int = 0) -> None:
-        """Start reading the training data at `epoch` (a resumed run reads what the whole run would)."""
-        self.train_stream = iter(self.data.train(self.workers.rank, self.workers.size, epoch, self.config.epochs))
+    def start_stream(self, epoch: int = 0, step: int = 0) -> None:
+        """Start reading the training data at `epoch`, `step` (a resumed run reads what the whole run would)."""
+        self.train_stream = iter(self.data.train(self.workers.rank, self.workers.size, epoch, self.config.epochs, step))
 
     @tf.function
-    def train_step(self, images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
-        """One synchronous step; returns [loss averaged over ranks, this rank's correct top-1, top-5]. The
-        loss is the one minimised: the data loss plus the model's regularisation losses (e.g. L2 penalties)."""
+    def train_step(self, images: tf.Tensor, labels: tf.Tensor, flags: tf.Tensor) -> tf.Tensor:
+        """One synchronous step; returns [loss averaged over ranks, this rank's correct top-1, top-5,
+        stop, checkpoint]. The loss is the one minimised: the data loss plus the model's regularisation
+        losses. `flags` ([stop, checkpoint] of this rank) ride in the same allreduce: above 0 when any
+        rank asked, so all ranks agree on the step after which to checkpoint or stop."""
         with tf.GradientTape() as tape:
             probabilities = self.model(images, training=True)
             loss = self.loss_fn(labels, probabilities)
@@ -110,42 +128,66 @@ class Trainer:
             scaled = self.optimizer.scale_loss(loss)   # the loss itself unless loss scaling is on
         variables = self.model.trainable_variables
         # The loss rides with the gradients: every rank sees the same mean loss, so all stop together.
-        *gradients, mean_loss = dist.average([*tape.gradient(scaled, variables), loss])
+        *gradients, mean_loss, flags = dist.average([*tape.gradient(scaled, variables), loss, flags])
         self.optimizer.apply_gradients(zip(gradients, variables))
-        return tf.stack([mean_loss, evaluation.top_k_hits(probabilities, labels, 1),
-                         evaluation.top_k_hits(probabilities, labels, 5)])
+        return tf.concat([tf.stack([mean_loss, evaluation.top_k_hits(probabilities, labels, 1),
+                                    evaluation.top_k_hits(probabilities, labels, 5)]), flags], axis=0)
 
-    def train_epoch(self, epoch: int) -> tuple[float, float, float, float, float]:
-        """(mean loss, top-1, top-5, images/s of this rank, data-wait share) over one epoch;
-        the accuracies averaged over ranks. Raises Diverged at the first step whose loss is not finite."""
+    def train_epoch(self, epoch: int, partial: Partial | None = None) -> tuple[float, float, float, float, float]:
+        """(mean loss, top-1, top-5, images/s of this rank, data-wait share) over one epoch, from
+        `partial` (a mid-epoch checkpoint's) on; the accuracies averaged over ranks. Raises Diverged at
+        the first step whose loss is not finite. When the ranks agree to (SIGTERM, --checkpoint-every),
+        calls `on_boundary(epoch, partial)` between two steps, and sets `stop_requested`."""
         steps = self.data.steps_in_epoch(epoch, self.workers.size)
-        sums, previous = tf.zeros([3]), None
-        started, waiting = time.perf_counter(), 0.0
-        for step in range(steps):
-            raise_if_terminated()
+        done = partial or Partial(0, [0.0, 0.0, 0.0], 0.0, 0.0)
+        sums, previous, waiting = tf.constant(done.sums, tf.float32), None, done.waiting
+        started = time.perf_counter() - done.seconds
+        for step in range(done.step, steps):
             self.progress(f"the input pipeline's batch for epoch {epoch}, step {step}")
             asked = time.perf_counter()
             images, labels = self.next_batch()
             got = time.perf_counter()
             self.progress(f"epoch {epoch}, step {step}: its allreduce with the other ranks")
-            result = self.train_step(images, labels)
+            result = self.train_step(images, labels, self._flags())
+            sums, waiting = sums + result[:3], waiting + got - asked
             if previous is not None:   # checked a step late, so that the check never waits for a step
                 _check_finite(epoch, step - 1, previous)
-            sums, previous = sums + result, result
-            waiting += got - asked
+                if self._agreed(previous) and step + 1 < steps:
+                    _check_finite(epoch, step, result)
+                    self._check_weights(epoch, step)
+                    shared = dist.average([sums])[0].numpy().tolist()   # exact: the epoch's metrics average these
+                    self.on_boundary(epoch, Partial(step + 1, shared, waiting, time.perf_counter() - started))
+            previous = result
             if self.metrics:
                 self.metrics.record_step(self.config.batch_size, time.perf_counter() - asked, got - asked)
         _check_finite(epoch, steps - 1, previous)
+        self._agreed(previous)   # a stop asked at the last step: after this epoch's checkpoint
         seconds = time.perf_counter() - started
         self.progress(f"the end of epoch {epoch}: averaging statistics with the other ranks")
         self.sync_statistics()
-        # The last step's update is after its (finite) loss: weights it made infinite would otherwise
-        # be evaluated, checkpointed and saved as the best model.
-        if not all(bool(tf.reduce_all(tf.math.is_finite(w))) for w in self.model.weights):
-            raise Diverged(epoch, steps - 1, "the weights became NaN or infinite")
+        self._check_weights(epoch, steps - 1)
         images_seen = steps * self.config.batch_size
         loss, top1, top5 = (dist.average([sums])[0] / [steps, images_seen, images_seen]).numpy()
-        return float(loss), float(top1), float(top5), images_seen / seconds, waiting / seconds
+        return float(loss), float(top1), float(top5), images_seen * (1 - done.step / steps) / max(
+            seconds - done.seconds, 1e-9), waiting / seconds
+
+    def _flags(self) -> tf.Tensor:
+        """This rank's [stop, checkpoint]: SIGTERM arrived; rank 0's clock says a checkpoint is due."""
+        due = bool(self.checkpoint_every and self.workers.is_chief
+                   and time.monotonic() - self.last_checkpoint >= self.checkpoint_every)
+        return tf.constant([float(terminating()), float(due)])
+
+    def _agreed(self, result: tf.Tensor) -> bool:
+        """Whether the ranks asked, in that step, to checkpoint (or to stop, which implies it)."""
+        stop, due = (float(flag) > 0 for flag in result[3:5])
+        self.stop_requested = self.stop_requested or stop
+        return stop or due
+
+    def _check_weights(self, epoch: int, step: int) -> None:
+        # A step's update comes after its (finite) loss: weights it made infinite would otherwise
+        # be evaluated, checkpointed and saved as the best model.
+        if not all(bool(tf.reduce_all(tf.math.is_finite(w))) for w in self.model.weights):
+            raise Diverged(epoch, step, "the weights became NaN or infinite")
 
     def next_batch(self) -> tuple[tf.Tensor, tf.Tensor]:
         with self.data.reader_errors():
@@ -175,9 +217,9 @@ class Trainer:
         if self.watchdog:
             self.watchdog.beat(waiting_for)
 
-    def run_epoch(self, epoch: int) -> EpochResult:
-        started = time.perf_counter()
-        loss, train_top1, train_top5, rate, wait_share = self.train_epoch(epoch)
+    def run_epoch(self, epoch: int, partial: Partial | None = None) -> EpochResult:
+        started = time.perf_counter() - (partial.seconds if partial else 0.0)
+        loss, train_top1, train_top5, rate, wait_share = self.train_epoch(epoch, partial)
         val = self.evaluate()
         if val.non_finite:   # a model that answers NaN must not become the best epoch by ties or chance
             raise Diverged(epoch, self.data.steps_in_epoch(epoch, self.workers.size) - 1,

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 from ingest import cli
 from ingest.errors import InputError, StorageError
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="a rank that makes no progress (no batch, step or evaluation batch) for this long exits with code 7, "
              "naming what it waited for, so that a peer gone without a trace does not hang the job (default 300; "
              "0: never)")
+    add("--checkpoint-every", type=float, metavar="MINUTES",
+        help="also checkpoint mid-epoch every this many minutes (rank 0's clock; between two steps all ranks "
+             "agree on); a rerun resumes at that step with the same data (default 0: at the end of each epoch)")
     add("--storage-option", action="append", default=[], metavar="KEY=VALUE",
         help="fsspec storage option for --data and --output, repeatable (e.g. endpoint_url=http://127.0.0.1:9000); "
              "credentials come from the environment, never from flags")
@@ -81,7 +85,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
         "early_stopping_patience": args.early_stopping_patience, "image_size": args.image_size,
         "mixed_precision": args.mixed_precision, "metrics_port": args.metrics_port, "seed": args.seed,
-        "deterministic": args.deterministic, "stall_timeout": args.stall_timeout, "lr_scaling": args.lr_scaling, "warmup_epochs": args.warmup_epochs,
+        "deterministic": args.deterministic, "stall_timeout": args.stall_timeout,
+        "checkpoint_every": args.checkpoint_every, "lr_scaling": args.lr_scaling, "warmup_epochs": args.warmup_epochs,
         "lr_schedule": args.lr_schedule, "lr_decay_epochs": args.lr_decay_epochs,
         "weight_decay": args.weight_decay, "label_smoothing": args.label_smoothing,
         "storage_options": parse_storage_options(args.storage_option) or None}.items() if value is not None}
@@ -114,6 +119,8 @@ def train(config: TrainConfig, workers, restart: bool = False) -> dict:
 
     from ingest.storage import Location, dump_json, write_atomic
 
+    from ingest.errors import Terminated
+
     from . import checkpoint, dist, randomness, records, saved
     from .loop import Trainer
     from .metrics import TrainerMetrics
@@ -139,17 +146,33 @@ def train(config: TrainConfig, workers, restart: bool = False) -> dict:
     if workers.is_chief:
         write_atomic(fs, f"{root}/config.json", dump_json(config.to_json()))
     if epochs:
-        trainer.start_stream(start_epoch)
+        trainer.start_stream(start_epoch, progress.partial.step if progress.partial else 0)
     trainer.watchdog = Watchdog(config.stall_timeout, workers.rank).start()
-    for epoch in tqdm(epochs, desc="epochs", disable=not workers.is_chief):
-        if progress.record(trainer.run_epoch(epoch)) and workers.is_chief:
-            progress.best_weights = trainer.model.get_weights()
-        progress.stopped_early = bool(patience) and progress.stale >= patience
-        trainer.progress(f"the end of epoch {epoch}: the checkpoint's random states from every rank")
+
+    def save() -> None:
+        """Every rank: the checkpoint of `progress` (rank 0 writes it); then stop if the ranks agreed to."""
+        trainer.progress("the checkpoint's random states from every rank")
         seed_states = dist.gather(randomness.get_states(trainer.model))
         if workers.is_chief:   # history first: a kill before the checkpoint names the epoch redoes it
             write_atomic(fs, f"{root}/history.csv", records.history_csv(progress))
             checkpoint.save(fs, root, trainer, progress, seed_states)
+        trainer.last_checkpoint = time.monotonic()
+        if trainer.stop_requested:
+            where = f"epoch {progress.next_epoch}, step {progress.partial.step}" if progress.partial else \
+                f"the end of epoch {progress.next_epoch - 1}"
+            log.warning("SIGTERM: checkpoint written at %s; stopping", where)
+            raise Terminated()
+
+    def mid_epoch(epoch: int, partial) -> None:
+        progress.partial = partial
+        save()
+
+    trainer.on_boundary = mid_epoch
+    for epoch in tqdm(epochs, desc="epochs", disable=not workers.is_chief):
+        if progress.record(trainer.run_epoch(epoch, progress.partial)) and workers.is_chief:
+            progress.best_weights = trainer.model.get_weights()
+        progress.stopped_early = bool(patience) and progress.stale >= patience
+        save()
         if progress.stopped_early:
             log.info("early stopping: val top-5 has not improved for %d epochs", progress.stale)
             break
@@ -165,7 +188,10 @@ def train(config: TrainConfig, workers, restart: bool = False) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args, config = cli.parse(build_parser(), argv, config_from_args)
-    return cli.run_main(lambda: _run(args, config), args.log_level, kept="the last checkpoint is kept")
+    # SIGTERM (a pod preempted, evicted or deleted) is a request: the ranks finish their step, agree,
+    # checkpoint there and exit 143.
+    return cli.run_main(lambda: _run(args, config), args.log_level, kept="the last checkpoint is kept",
+                        graceful=True)
 
 
 def _run(args: argparse.Namespace, config: TrainConfig) -> int:
