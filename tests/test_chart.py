@@ -178,7 +178,7 @@ def test_trainer_job_runs_n_indexed_gpu_pods_behind_a_headless_service():
     assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == 4
     assert spec["backoffLimit"] == 3 * 4 and pod["spec"]["restartPolicy"] == "Never"
     assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
-    assert pod["spec"]["subdomain"] == "t-trainer"
+    assert pod["spec"]["subdomain"] == "t-trainer" and pod["spec"]["terminationGracePeriodSeconds"] == 120
     assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     assert not any(set(o["spec"]["template"]["metadata"]["labels"].items()) >= set(service["spec"]["selector"].items())
                    for o in objects if o["kind"] == "Job" and o is not job)
