@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.split != "train":
         raise ValueError("only the train split streams with augmentation; use --split train")
     rss_before = peak_rss_mb()
-    streams = {"pipeline": iter(data.train())}
+    streams = {"pipeline": iter(data.train().repeat())}   # epoch 0 again and again: a throughput measure
     rates: dict[str, list[float]] = {"pipeline": [images_per_second(streams["pipeline"], config.batch_size,
                                                                     args.seconds)]}
     rss_pipeline = peak_rss_mb()   # before the baselines load their images into memory
