@@ -168,8 +168,8 @@ class Trainer:
         self._check_weights(epoch, steps - 1)
         images_seen = steps * self.config.batch_size
         loss, top1, top5 = (dist.average([sums])[0] / [steps, images_seen, images_seen]).numpy()
-        return float(loss), float(top1), float(top5), images_seen * (1 - done.step / steps) / max(
-            seconds - done.seconds, 1e-9), waiting / seconds
+        rate = (steps - done.step) * self.config.batch_size / max(seconds - done.seconds, 1e-9)   # this attempt's
+        return float(loss), float(top1), float(top5), rate, waiting / seconds
 
     def _flags(self) -> tf.Tensor:
         """This rank's [stop, checkpoint]: SIGTERM arrived; rank 0's clock says a checkpoint is due."""
