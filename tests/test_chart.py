@@ -218,6 +218,95 @@ def test_cpu_workers_get_no_gpu_and_the_cpu_image():
     assert find(gpu, "Job", "t-trainer")["spec"]["template"]["spec"]["containers"][0]["image"].endswith("-gpu")
 
 
+def test_the_ingest_runs_the_cpu_image_whatever_the_workers_use():
+    values = {**scenario("ingest"), "image": {"repository": "registry.example.com/trainer", "tag": "custom-gpu"}}
+    [ingest] = find(render(values)[0], "Job", "t-trainer-ingest")["spec"]["template"]["spec"]["containers"]
+    assert ingest["image"] == "registry.example.com/trainer:0.1.0-cpu"
+    values["ingest"] = {**values["ingest"], "image": {"repository": "mirror.example.com/ingest", "tag": "2"}}
+    [ingest] = find(render(values)[0], "Job", "t-trainer-ingest")["spec"]["template"]["spec"]["containers"]
+    assert ingest["image"] == "mirror.example.com/ingest:2"
+
+
+SCHEDULING = {
+    "kueue": {"queueName": "team-a"}, "schedulerName": "volcano", "priorityClassName": "training",
+    "imagePullSecrets": [{"name": "regcred"}],
+    "topologySpreadConstraints": [
+        {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "DoNotSchedule"},
+        {"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway",
+         "labelSelector": {"matchLabels": {"team": "a"}}}],
+}
+
+
+def test_scheduling_values_reach_both_jobs_and_their_pods():
+    values = {**scenario("monitoring"), **SCHEDULING}
+    objects, notes = render(values)
+    validate_strictly(objects)
+    trainer, ingest = find(objects, "Job", "t-trainer"), find(objects, "Job", "t-trainer-ingest")
+    for job in (trainer, ingest):
+        # Kueue reads the queue from the Job's own labels and admits a suspended Job by resuming it.
+        assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a" and job["spec"]["suspend"] is True
+        pod = job["spec"]["template"]["spec"]
+        assert (pod["schedulerName"], pod["priorityClassName"]) == ("volcano", "training")
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    # Volcano's PodGroup of the training Job takes every worker or none; the ingest pods start one by one.
+    assert trainer["metadata"]["annotations"] == {"scheduling.volcano.sh/group-min-member": "2"}
+    assert "annotations" not in ingest["metadata"]
+    assert "topologySpreadConstraints" not in ingest["spec"]["template"]["spec"]
+    zone, host = trainer["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert {k: v for k, v in zone.items() if k != "labelSelector"} == SCHEDULING["topologySpreadConstraints"][0]
+    assert host == SCHEDULING["topologySpreadConstraints"][1]   # an explicit selector is kept as it is
+    # Without a selector the constraint counts this Job's workers: not the ingest, not another release's.
+    assert selects(zone["labelSelector"], running_pod(objects, "t-trainer", 1)["labels"])
+    other = {**running_pod(objects, "t-trainer")["labels"], "app.kubernetes.io/instance": "u"}
+    for pod in (running_pod(objects, "t-trainer-ingest")["labels"], other):
+        assert not selects(zone["labelSelector"], pod)
+    assert "LocalQueue team-a" in notes and "kubectl -n ml get workloads.kueue.x-k8s.io" in notes
+
+
+def test_scheduling_is_off_by_default():
+    objects, notes = render({**scenario("monitoring"), "schedulerName": "default-scheduler"})
+    for job in (o for o in objects if o["kind"] == "Job"):
+        assert "kueue.x-k8s.io/queue-name" not in job["metadata"]["labels"] and "suspend" not in job["spec"]
+        assert "annotations" not in job["metadata"]   # the Volcano annotation only with Volcano
+        assert not {"topologySpreadConstraints", "imagePullSecrets"} & job["spec"]["template"]["spec"].keys()
+    assert "LocalQueue" not in notes
+    default, _ = render(scenario("default"))
+    assert "schedulerName" not in find(default, "Job", "t-trainer")["spec"]["template"]["spec"]
+
+
+def test_schema_rejects_wrong_scheduling_values():
+    with helm.Chart.load(CHART) as chart:
+        good = {**scenario("default"), **SCHEDULING}
+        chart.validate_schema(good)
+        spread = SCHEDULING["topologySpreadConstraints"][0]
+        for bad in ({"schedulerName": 1}, {"priorityClassName": ["training"]}, {"kueue": "team-a"},
+                    {"kueue": {"queueName": "team a"}}, {"kueue": {"queue": "team-a"}},
+                    {"imagePullSecrets": ["regcred"]}, {"imagePullSecrets": [{"nam": "regcred"}]},
+                    {"topologySpreadConstraints": spread},
+                    {"topologySpreadConstraints": [{k: v for k, v in spread.items() if k != "whenUnsatisfiable"}]},
+                    {"topologySpreadConstraints": [{**spread, "maxSkew": "1"}]},
+                    {"topologySpreadConstraints": [{**spread, "whenUnsatisfiable": "Never"}]},
+                    {"ingest": {"image": "imagenet-k8s-trainer:0.1.0-cpu"}}):
+            with pytest.raises(helm.HelmValuesError):
+                chart.validate_schema({**good, **bad})
+
+
+@pytest.mark.parametrize(("resources", "missing"), [
+    ({}, "no cpu and no memory"), ({"requests": {"cpu": "8"}}, "no memory"), ({"limits": {"memory": "64Gi"}}, "no cpu"),
+    ({"requests": {"cpu": "8", "memory": "48Gi"}}, None), ({"limits": {"cpu": "8", "memory": "48Gi"}}, None)])
+def test_notes_warn_about_gpu_workers_without_cpu_or_memory_requests(resources, missing):
+    _, notes = render({**scenario("default"), "resources": resources})
+    warnings = [line for line in notes.splitlines() if line.startswith("WARNING")]
+    if missing is None:   # a limit alone is also the request
+        assert warnings == []
+    else:
+        assert warnings == [f"WARNING: the GPU workers request {missing} (resources.requests): the scheduler may put "
+                            "them where"]
+    # CPU workers and an ingest-only release: no GPUs to feed.
+    for values in ({**scenario("default"), "gpusPerWorker": 0}, scenario("ingest")):
+        assert "WARNING" not in render({**values, "resources": resources})[1]
+
+
 @pytest.mark.parametrize("values", SCENARIOS, ids=lambda p: p.name)
 def test_secure_by_default_and_secrets_only_by_reference(values):
     values = yaml.safe_load(values.read_text())

@@ -53,6 +53,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s:%s" .Values.image.repository $tag }}
 {{- end }}
 
+{{/* The ingest never uses a GPU: the -cpu image unless ingest.image says otherwise. */}}
+{{- define "trainer.ingestImage" -}}
+{{- $repository := .Values.ingest.image.repository | default .Values.image.repository }}
+{{- printf "%s:%s" $repository (.Values.ingest.image.tag | default (printf "%s-cpu" .Chart.AppVersion)) }}
+{{- end }}
+
 {{/* Horovod processes per worker pod: one per GPU, or one CPU process. */}}
 {{- define "trainer.slots" -}}
 {{- max 1 (int .Values.gpusPerWorker) }}
@@ -93,6 +99,40 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
+{{/*
+Queueing (Job metadata labels, then a Job spec fragment): with kueue.queueName the Job carries Kueue's
+queue-name label and is created suspended, as in Kueue's examples: Kueue starts it once it admits the whole
+Job (all its pods' resources at once), and without Kueue it waits instead of running outside any quota.
+*/}}
+{{- define "trainer.queueLabels" -}}
+{{- with .Values.kueue.queueName }}
+kueue.x-k8s.io/queue-name: {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "trainer.queueSpec" -}}
+{{- if .Values.kueue.queueName }}
+suspend: true
+{{- end }}
+{{- end }}
+
+{{/*
+topologySpreadConstraints of the worker pods, passed through; one without a labelSelector counts this Job's
+workers (the selector labels plus component: trainer), so spreading needs only maxSkew, topologyKey and
+whenUnsatisfiable.
+*/}}
+{{- define "trainer.topologySpread" -}}
+{{- $workers := include "trainer.selectorLabels" . | fromYaml }}
+{{- $_ := set $workers "app.kubernetes.io/component" "trainer" }}
+{{- range .Values.topologySpreadConstraints }}
+{{- $constraint := deepCopy . }}
+{{- if not (hasKey $constraint "labelSelector") }}
+{{- $_ := set $constraint "labelSelector" (dict "matchLabels" $workers) }}
+{{- end }}
+- {{- toYaml $constraint | nindent 2 }}
+{{- end }}
+{{- end }}
+
 {{/* Pod-level settings shared by the trainer and the ingest pods. */}}
 {{/*
 Recovery without a human (a Job spec fragment; `containerName` and the permanent `exitCodes` in the dict):
@@ -120,6 +160,9 @@ automountServiceAccountToken: false
 restartPolicy: Never
 {{- with .Values.priorityClassName }}
 priorityClassName: {{ . }}
+{{- end }}
+{{- with .Values.schedulerName }}
+schedulerName: {{ . }}
 {{- end }}
 {{- with .Values.imagePullSecrets }}
 imagePullSecrets:
