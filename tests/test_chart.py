@@ -2,9 +2,11 @@
 properties the chart promises, and its rendered ingest and trainer commands run as local processes."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,10 +38,10 @@ def scenario(name: str) -> dict:
     return yaml.safe_load((CHART / "ci" / f"{name}-values.yaml").read_text())
 
 
-def render(values: dict, chart: Path | str = CHART) -> tuple[list[dict], str]:
-    """The objects `helm install t <chart> -n ml` would create, and its NOTES."""
+def render(values: dict, chart: Path | str = CHART, name: str = "t", namespace: str = "ml") -> tuple[list[dict], str]:
+    """The objects `helm install <name> <chart> -n <namespace>` would create, and its NOTES."""
     with helm.Chart.load(chart) as loaded:
-        rendered = loaded.render(values, name="t", namespace="ml")
+        rendered = loaded.render(values, name=name, namespace=namespace)
     notes = next(text for path, text in rendered.items() if path.endswith("NOTES.txt"))
     objects = [doc for path, text in sorted(rendered.items()) if not path.endswith("NOTES.txt")
                for doc in yaml.safe_load_all(text) if doc]
@@ -376,11 +378,11 @@ def test_monitoring_objects_select_the_pods_and_carry_deploy_files():
 
     rule = find(objects, "PrometheusRule", "t-trainer")
     assert rule["metadata"]["labels"]["release"] == "monitoring"
-    assert rule["spec"] == yaml.safe_load(RULES.read_text())
+    assert rule["spec"] == release_rules("ml", "t")
     dashboards = find(objects, "ConfigMap", "t-trainer-dashboards")
     assert dashboards["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert dashboards["data"] == {p.name: p.read_text() for p in DASHBOARDS.glob("*.json")}
-    assert '"Trainer" with job = t-trainer, "Ingest" with job = t-trainer-ingest' in notes
+    assert_release_dashboards(dashboards, "ml", "t")
+    assert '"Trainer (ml/t)" with job = t-trainer, "Ingest (ml/t)" with job = t-trainer-ingest' in notes
 
     annotations = find(objects, "Job", "t-trainer")["spec"]["template"]["metadata"]["annotations"]
     assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": "9400", "prometheus.io/path": "/metrics"}
@@ -393,9 +395,8 @@ def test_packaged_chart_holds_the_deploy_dashboards_and_rules(tmp_path):
     assert (CHART / "files" / "dashboards").resolve() == DASHBOARDS and (CHART / "files" / "rules.yml").resolve() == RULES
     archive = helm.package(CHART, destination=tmp_path)
     objects, _ = render(scenario("monitoring"), chart=archive)
-    assert find(objects, "ConfigMap", "t-trainer-dashboards")["data"] == {
-        p.name: p.read_text() for p in DASHBOARDS.glob("*.json")}
-    assert find(objects, "PrometheusRule", "t-trainer")["spec"] == yaml.safe_load(RULES.read_text())
+    assert_release_dashboards(find(objects, "ConfigMap", "t-trainer-dashboards"), "ml", "t")
+    assert find(objects, "PrometheusRule", "t-trainer")["spec"] == release_rules("ml", "t")
 
 
 def test_notes_tell_how_to_follow_the_run():
@@ -701,3 +702,78 @@ def test_images_run_as_the_charts_user_and_build_from_this_tree(dockerfile):
     sources = [s for line in re.findall(r"^COPY (?!--)(.+) \S+$", text, re.M) for s in line.split()]
     assert "deploy/horovod/build-wheel.sh" in sources and "trainer" in sources
     assert all((REPO / s).exists() for s in sources), sources
+
+
+# --- Several releases in one cluster: no object, dashboard or rule group of one is another's. ---
+
+RELEASES = [("ml", "a"), ("ml", "b"), ("other", "a"),   # the same release name in another namespace
+            # Names that fill the readable part of a dashboard uid alike (Grafana allows 40 characters).
+            ("ml", "resnet50-imagenet-sweep-lr-0-1"), ("ml", "resnet50-imagenet-sweep-lr-0-2")]
+
+
+def release_rules(namespace: str, release: str) -> dict:
+    """deploy/prometheus/rules.yml as a release's PrometheusRule carries it: each group named after the release."""
+    rules = yaml.safe_load(RULES.read_text())
+    for group in rules["groups"]:
+        group["name"] = f"{namespace}/{release}/{group['name']}"
+    return rules
+
+
+def assert_release_dashboards(configmap: dict, namespace: str, release: str) -> dict[str, str]:
+    """The ConfigMap carries every deploy/ dashboard as JSON, changed only in its uid and title, which name the
+    release; returns their titles by uid."""
+    sources = {f"{namespace}_{release}_{p.name}": json.loads(p.read_text()) for p in DASHBOARDS.glob("*.json")}
+    assert configmap["data"].keys() == sources.keys()
+    titles = {}
+    for key, source in sources.items():
+        dashboard = json.loads(configmap["data"][key])
+        uid, title = dashboard.pop("uid"), dashboard.pop("title")
+        assert re.fullmatch(r"[a-zA-Z0-9_-]{1,40}", uid), uid   # Grafana's limit, and safe in its URLs
+        assert title == f"{source.pop('title')} ({namespace}/{release})"
+        del source["uid"]
+        assert dashboard == source   # every panel, query and variable as in deploy/
+        titles[uid] = title
+    return titles
+
+
+def test_releases_in_one_cluster_collide_nowhere():
+    """Helm refuses to create an object another release owns. Grafana keeps one dashboard per uid (and per title
+    in a folder). Grafana's sidecar writes each data key of the labelled ConfigMaps to a file of that name, in
+    one folder for all the namespaces it watches, and deletes the file when that ConfigMap goes (helm
+    uninstall): a key two releases shared would be one file, and uninstalling either would take both's."""
+    rendered = {release: render(scenario("monitoring"), name=release[1], namespace=release[0])[0]
+                for release in RELEASES}
+    uids, titles, keys, groups = [], [], [], []
+    for (namespace, release), objects in rendered.items():
+        [configmap] = [o for o in objects if o["kind"] == "ConfigMap" and "grafana_dashboard" in o["metadata"]["labels"]]
+        [rule] = [o for o in objects if o["kind"] == "PrometheusRule"]
+        dashboards = assert_release_dashboards(configmap, namespace, release)
+        uids += dashboards
+        titles += dashboards.values()
+        keys += configmap["data"]
+        assert rule["spec"] == release_rules(namespace, release)
+        groups += [group["name"] for group in rule["spec"]["groups"]]
+    for names in (uids, titles, keys, groups):
+        assert len(names) >= 2 * len(RELEASES) and len(set(names)) == len(names), names
+
+    for (namespace, x), (other_namespace, y) in itertools.permutations(rendered, 2):
+        if namespace != other_namespace:
+            continue
+        objects, others = rendered[namespace, x], rendered[namespace, y]
+        assert not {(o["kind"], o["metadata"]["name"]) for o in objects} & {
+            (o["kind"], o["metadata"]["name"]) for o in others}, (x, y)
+        # Neither release's Service nor PodMonitors (which label the series with their job) take the other's pods.
+        selectors = [{"matchLabels": o["spec"]["selector"]} for o in objects if o["kind"] == "Service"]
+        selectors += [o["spec"]["selector"] for o in objects if o["kind"] == "PodMonitor"]
+        pods = [running_pod(others, o["metadata"]["name"]) for o in others if o["kind"] == "Job"]
+        assert len(selectors) == 3 and len(pods) == 2
+        assert not any(selects(selector, pod["labels"]) for selector in selectors for pod in pods), (x, y)
+
+
+def test_a_dashboard_that_is_not_json_fails_the_render(tmp_path):
+    """Helm's fromJson turns a parse error into a map holding it: the chart must fail instead."""
+    chart = tmp_path / "trainer"
+    shutil.copytree(CHART, chart)   # files/ links resolved: a copy to break
+    (chart / "files" / "dashboards" / "trainer.json").write_text('{"title": "Trainer",')
+    with pytest.raises(helm.HelmRenderError, match="trainer.json is not JSON"):
+        render(scenario("monitoring"), chart=chart)
