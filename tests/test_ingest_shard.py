@@ -63,16 +63,21 @@ def test_rerun_of_finished_job_rewrites_nothing(tiny, tmp_path):
     assert "0 shards written" in second.stdout and "already committed" in second.stdout
 
 
+PAUSE_AFTER_COMMITS = 3
+
+
 def start_and_interrupt(source, out, processes: str, sig: signal.Signals) -> subprocess.Popen:
-    """Start an ingest and send `sig` to its process group once three shards are committed."""
-    process = subprocess.Popen([sys.executable, "-m", "ingest.shard", "--input", str(source), "--output", str(out),
-                                "--shard-size", "4", "--processes", processes], cwd=REPO, start_new_session=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    index = out / "_index"
-    deadline = time.monotonic() + 60
-    while not (index.is_dir() and len([p for p in os.listdir(index) if p.endswith(".tar.json")]) >= 3):
-        assert time.monotonic() < deadline and process.poll() is None, "run ended before it could be interrupted"
-        time.sleep(0.002)
+    """Start an ingest that stops to wait once its third shard is committed (see the end of this file)
+    and send `sig` to its process group then: the run can neither end first nor be signalled early."""
+    paused = out.parent / "paused"
+    process = subprocess.Popen([sys.executable, "-m", "tests.test_ingest_shard", str(paused), "--input", str(source),
+                                "--output", str(out), "--shard-size", "4", "--processes", processes], cwd=REPO,
+                               start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120   # only a hang's bound: the pause comes after 3 shards of 4 small images
+    while not paused.exists():
+        assert time.monotonic() < deadline and process.poll() is None, process.communicate()
+        time.sleep(0.01)
+    assert len([p for p in os.listdir(out / "_index") if p.endswith(".tar.json")]) >= PAUSE_AFTER_COMMITS
     os.killpg(process.pid, sig)
     process.communicate(timeout=60)
     assert not (out / "manifest.json").exists()
@@ -425,3 +430,23 @@ def test_final_counts_are_pushed_to_a_real_pushgateway(tiny, tmp_path):
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     train = float(manifest["splits"]["train"]["samples"])
     assert f'ingest_images_total{{instance="",job="ingest",split="train",worker="0"}} {train:g}' in pushed
+
+
+if __name__ == "__main__":
+    # `python -m tests.test_ingest_shard MARKER ARGS...`: the shard CLI with ARGS, except that its main
+    # process creates MARKER and waits for a signal once PAUSE_AFTER_COMMITS shards are committed (with
+    # --processes 1 exactly that many; a pool may commit more meanwhile, but the run cannot finish).
+    from ingest import shard
+
+    results = shard.ShardRunner.results
+
+    def results_then_pause(self, todo, plan_id):
+        for number, entry in enumerate(results(self, todo, plan_id), 1):
+            yield entry
+            if number == PAUSE_AFTER_COMMITS:
+                Path(sys.argv[1]).touch()
+                while True:
+                    signal.pause()
+
+    shard.ShardRunner.results = results_then_pause
+    sys.exit(shard.main(sys.argv[2:]))
