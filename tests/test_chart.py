@@ -241,6 +241,8 @@ SCHEDULING = {
 
 def test_scheduling_values_reach_both_jobs_and_their_pods():
     values = {**scenario("monitoring"), **SCHEDULING}
+    report = helm.lint(CHART, values, strict=True)
+    assert report["errors"] == [] and [m for m in report["messages"] if m["severity"] >= 2] == [], report
     objects, notes = render(values)
     validate_strictly(objects)
     trainer, ingest = find(objects, "Job", "t-trainer"), find(objects, "Job", "t-trainer-ingest")
