@@ -17,7 +17,14 @@ $(VENV)/.installed: pyproject.toml deploy/horovod/build-wheel.sh
 	$(BIN)/pip install --quiet "$$(deploy/horovod/build-wheel.sh $(BIN)/python $(WHEELS))"
 	touch $@
 
-test: setup
+# TypeScript and Grafana's dashboard types (tests/grafana_schema/package-lock.json), for the tests only: the
+# demo needs no Node.js.
+SCHEMA := tests/grafana_schema
+$(SCHEMA)/node_modules/.installed: $(SCHEMA)/package.json $(SCHEMA)/package-lock.json
+	npm ci --prefix $(SCHEMA) --no-audit --no-fund --loglevel=error >/dev/null
+	touch $@
+
+test: setup $(SCHEMA)/node_modules/.installed
 	$(BIN)/ruff check ingest trainer bench deploy tests
 	$(BIN)/python -m pytest
 
