@@ -6,6 +6,8 @@ from ingest.errors import EXIT_FAILED, EXIT_USAGE, IngestError
 
 EXIT_DIVERGED = 6   # the training loss became NaN or infinite; lower --lr and rerun with --restart
 EXIT_STALLED = 7    # no step completed within --stall-timeout (a peer gone or frozen); rerun to resume
+EXIT_ATTEMPT_ENDED = 8   # trainer.launch, pod 0: a pod of its rendezvous attempt was replaced, so the
+                         # attempt cannot complete; the Job replaces pod 0 and every pod rendezvous again
 
 
 class UsageError(IngestError):

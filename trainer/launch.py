@@ -2,8 +2,11 @@
 
 In an Indexed Job of N pods behind a headless Service, pod i (`JOB_COMPLETION_INDEX`) is
 reachable as the host template filled with i (e.g. `trainer-{index}.trainer`). Every pod computes
-the same host plan; pod 0 also serves Horovod's rendezvous on a fixed port. Each pod then starts
-one process per slot (GPU) with the HOROVOD_* environment that `horovodrun --gloo` would set.
+the same host plan; pod 0 also serves Horovod's rendezvous on a fixed port, for one attempt: the
+other pods join that attempt before they start anything, and a replaced pod joining again ends it,
+so that pod 0 is replaced too and nobody registers into a store whose peers are gone
+(trainer/rendezvous.py). Each pod then starts one process per slot (GPU) with the HOROVOD_*
+environment that `horovodrun --gloo` would set, its rendezvous through the pod's relay to the attempt.
 
     python -m trainer.launch --pods 4 --slots 8 --host-template trainer-{index}.trainer -- \\
         python -m trainer.train ...
@@ -14,16 +17,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ipaddress
+import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 
 from horovod.runner.common.util.hosts import get_host_assignments, parse_hosts
-from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
+
+from trainer.errors import EXIT_ATTEMPT_ENDED
+from trainer.rendezvous import AttemptServer, RendezvousError, Relay, join_attempt
+
+log = logging.getLogger("trainer.launch")
 
 POLL_SECONDS = 0.2
 STOP_GRACE_SECONDS = 10   # for the others to exit after SIGTERM, then SIGKILL
@@ -46,14 +53,13 @@ def slot_environment(slot, rendezvous_addr: str, port: int, iface: str) -> dict[
     }
 
 
-def serve_rendezvous(plan: list, port: int, rendezvous_addr: str) -> RendezvousHTTPServer:
-    """Pod 0: Horovod's rendezvous server on the fixed port every pod was told. The store has no
-    authentication (docs/reliability.md, "Dependency audit"): it listens on loopback when the job
-    is local, and the chart's NetworkPolicy fences it in on a cluster."""
+def serve_rendezvous(plan: list, port: int, rendezvous_addr: str) -> AttemptServer:
+    """Pod 0: Horovod's rendezvous server, for one attempt, on the fixed port every pod was told. The
+    store has no authentication (docs/reliability.md, "Dependency audit"): it listens on loopback when
+    the job is local, and the chart's NetworkPolicy fences it in on a cluster."""
     host = "127.0.0.1" if ipaddress_is_loopback(rendezvous_addr) else "0.0.0.0"
-    server = RendezvousHTTPServer((host, port), RendezvousHandler, 0)
-    server.init(plan)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = AttemptServer((host, port), plan)
+    log.info("pod 0 serves rendezvous attempt %s on port %d", server.attempt, port)
     return server
 
 
@@ -64,34 +70,26 @@ def ipaddress_is_loopback(address: str) -> bool:
         return address == "localhost"
 
 
-def wait_for_rendezvous(addr: str, port: int, timeout: float) -> None:
-    """Pods start in any order (scheduling, image pulls) and pod 0's DNS name exists only once it runs,
-    but Horovod's rendezvous client gives up after about 1.5 s: wait until the server answers."""
-    deadline = time.monotonic() + timeout
-    print(f"trainer.launch: waiting for the rendezvous server at {addr}:{port}", file=sys.stderr, flush=True)
-    while True:
-        try:
-            socket.create_connection((addr, port), timeout=5).close()
-            return
-        except OSError as exc:
-            if time.monotonic() > deadline:
-                sys.exit(f"trainer.launch: rendezvous server {addr}:{port} not reachable after {timeout:.0f} s: {exc}")
-            time.sleep(1)
-
-
 def run_pod(index: int, pods: int, slots: int, template: str, rendezvous_addr: str, port: int, iface: str,
             command: list[str], rendezvous_timeout: float = 600) -> int:
-    """Start this pod's slot processes; the first failure stops the others (no rank may hang)."""
+    """Start this pod's slot processes once it is in a rendezvous attempt; the first failure stops the others
+    (no rank may hang). Pods start in any order (scheduling, image pulls) and pod 0's DNS name exists only
+    once it runs, but Horovod's rendezvous client gives up after about 1.5 s: pods > 0 first wait to join."""
     plan = host_plan(pods, slots, template)
     hostname = template.format(index=index)
     server = serve_rendezvous(plan, port, rendezvous_addr) if index == 0 else None
-    wait_for_rendezvous(rendezvous_addr, port, rendezvous_timeout)
+    if server is None:
+        relay = Relay(rendezvous_addr, port, join_attempt(rendezvous_addr, port, index, rendezvous_timeout))
+    else:   # its own server: reachable before its DNS name resolves
+        relay = Relay("127.0.0.1", port, server.attempt)
     mine = [s for s in plan if s.hostname == hostname]
-    processes = [subprocess.Popen(command, env={**os.environ, **slot_environment(s, rendezvous_addr, port, iface)})
+    processes = [subprocess.Popen(command, env={**os.environ, **slot_environment(s, "127.0.0.1", relay.server_port,
+                                                                                  iface)})
                  for s in mine]
     try:
-        return _wait(processes, [f"rank {s.rank}" for s in mine])
+        return _wait(processes, [f"rank {s.rank}" for s in mine], ended=server.ended if server else None)
     finally:
+        relay.shutdown()
         if server is not None:
             server.shutdown()
 
@@ -114,16 +112,19 @@ def _forward_sigterm(signum, frame) -> None:
 
 
 def _wait(processes: list[subprocess.Popen], names: list[str], grace: float = STOP_GRACE_SECONDS,
-          groups: bool = False) -> int:
+          groups: bool = False, ended: threading.Event | None = None) -> int:
     """Exit code of the first process to fail (0 when all succeed); the rest are then stopped. After
     a SIGTERM to this launcher, every process is waited for (they checkpoint before they exit).
-    `groups`: each process leads a process group, killed whole if it outlasts the grace period."""
+    `groups`: each process leads a process group, killed whole if it outlasts the grace period.
+    `ended` (pod 0): set when its rendezvous attempt can no longer complete; all are stopped."""
     _children.extend(processes)
     try:
         while True:
             if _stopping.is_set():
                 codes = [p.wait() for p in processes]
                 return next((c if c > 0 else 128 - c for c in codes if c), 0)
+            if ended is not None and ended.is_set():
+                return EXIT_ATTEMPT_ENDED
             codes = [p.poll() for p in processes]
             failed = [(name, c) for name, c in zip(names, codes) if c not in (None, 0)]
             if failed:
@@ -185,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rendezvous-addr", help="address of pod 0 (default: the template filled with 0)")
     parser.add_argument("--port", type=int, default=29500, help="rendezvous port served by pod 0 (default 29500)")
     parser.add_argument("--rendezvous-timeout", type=float, default=600,
-                        help="seconds to wait for pod 0's rendezvous server to answer (default 600)")
+                        help="seconds a pod waits for pod 0's rendezvous server to admit it to an attempt "
+                             "(default 600)")
     parser.add_argument("--iface", default="eth0", help="network interface Gloo and NCCL use (default eth0)")
     parser.add_argument("--local-pods", type=int, help="run this many pods as local processes (tests, demo)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the training command")
@@ -203,11 +205,17 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.pod_index < args.pods and not args.local_pods:
         parser.error(f"pod index {args.pod_index} must be in 0..{args.pods - 1}")
     signal.signal(signal.SIGTERM, _forward_sigterm)
+    logging.basicConfig(format="%(name)s: %(message)s", stream=sys.stderr)
+    log.setLevel(logging.INFO)
     if args.local_pods:
         return run_local(args.local_pods, args.slots, args.port, command)
-    return run_pod(args.pod_index, args.pods, args.slots, args.host_template,
-                   args.rendezvous_addr or args.host_template.format(index=0), args.port, args.iface, command,
-                   args.rendezvous_timeout)
+    try:
+        return run_pod(args.pod_index, args.pods, args.slots, args.host_template,
+                       args.rendezvous_addr or args.host_template.format(index=0), args.port, args.iface, command,
+                       args.rendezvous_timeout)
+    except RendezvousError as exc:
+        log.error("%s", exc)
+        return 1
 
 
 if __name__ == "__main__":
