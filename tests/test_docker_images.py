@@ -128,7 +128,7 @@ def instructions(dockerfile: Path) -> list[str]:
     return lines[last:]
 
 
-@pytest.mark.parametrize(("dockerfile", "extras"), [("Dockerfile", "gpu s3 gcs"), ("Dockerfile.cpu", "cpu s3 gcs")])
+@pytest.mark.parametrize(("dockerfile", "extras"), [("Dockerfile", "gpu s3 gcs k8s"), ("Dockerfile.cpu", "cpu s3 gcs k8s")])
 def test_dependencies_are_installed_before_the_source_is_copied(dockerfile, extras):
     """A code change must not reinstall TensorFlow: the layer installing the dependencies sees pyproject.toml
     only, and the project itself is installed after the source, without its dependencies."""
