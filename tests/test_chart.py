@@ -160,7 +160,7 @@ def test_jobs_recover_from_disruptions_without_a_human(name, container, permanen
     spec = find(objects, "Job", name)["spec"]
     # Pods replaced, never restarted in place; a replacement only once the failed pod is gone.
     assert spec["template"]["spec"]["restartPolicy"] == "Never" and spec["podReplacementPolicy"] == "Failed"
-    ignore, fail = spec["podFailurePolicy"]["rules"]
+    ignore, fail, *waiting = spec["podFailurePolicy"]["rules"]
     # Preemption, eviction, a node drained: not counted against backoffLimit.
     assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
     assert fail == {"action": "FailJob", "onExitCodes": {"containerName": container, "operator": "In",
@@ -169,6 +169,10 @@ def test_jobs_recover_from_disruptions_without_a_human(name, container, permanen
     codes = {ingest_errors.EXIT_USAGE, ingest_errors.EXIT_INPUT, ingest_errors.EXIT_OUTPUT,
              ingest_errors.EXIT_INCOMPLETE if container == "ingest" else trainer_errors.EXIT_DIVERGED}
     assert set(permanent) == codes and ingest_errors.EXIT_FAILED not in permanent   # 1: retried
+    # The trainer's wait for the ingest: bad flags, or the ingest Job failed (its data will never come).
+    wait = {"containerName": "wait-for-data", "operator": "In",
+            "values": [ingest_errors.EXIT_USAGE, ingest_errors.EXIT_INPUT]}
+    assert waiting == ([{"action": "FailJob", "onExitCodes": wait}] if container == "trainer" else [])
     assert [c["name"] for c in spec["template"]["spec"]["containers"]][0] == container
 
 
@@ -358,10 +362,25 @@ def test_training_in_the_same_release_waits_for_the_ingests_manifest():
     objects, notes = render(scenario("monitoring"))
     pod = find(objects, "Job", "t-trainer")["spec"]["template"]
     [wait] = pod["spec"]["initContainers"]
-    assert wait["command"][-1] == "s3://datasets/tiny-imagenet" and "manifest.json" in wait["command"][2]
+    assert wait["command"] == ["python", "-m", "ingest.wait"]
+    assert wait["args"] == ["s3://datasets/tiny-imagenet", "--job=t-trainer-ingest", "--namespace=ml"]
     assert "wait-for-data" in notes
+    # It alone gets an API token, and may only get the ingest Job (it gives up once that has failed).
+    token = "/var/run/secrets/kubernetes.io/serviceaccount"
+    assert [m["mountPath"] for c in containers(pod) for m in c["volumeMounts"] if m["mountPath"] == token] == [token]
+    assert {"name": "ingest-status-token", "mountPath": token, "readOnly": True} in wait["volumeMounts"]
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    role, binding = (find(objects, kind, "t-trainer-wait-for-data") for kind in ("Role", "RoleBinding"))
+    assert role["rules"] == [{"apiGroups": ["batch"], "resources": ["jobs"], "resourceNames": ["t-trainer-ingest"],
+                              "verbs": ["get"]}]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}
+    account = pod["spec"]["serviceAccountName"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": "ml"}]
     alone, _ = render(scenario("default"))
     assert "initContainers" not in find(alone, "Job", "t-trainer")["spec"]["template"]["spec"]
+    for other in (alone, render(scenario("ingest"))[0]):   # no training, or no ingest: nothing to read
+        assert not [o for o in other if o["kind"] in ("Role", "RoleBinding")]
 
 
 def test_monitoring_objects_select_the_pods_and_carry_deploy_files():
@@ -679,7 +698,7 @@ def test_ingest_pod_stops_on_sigterm_and_its_rerun_completes_the_dataset(train_s
 
 
 def test_wait_for_data_stops_on_sigterm(tmp_path):
-    """The init container's python is PID 1, which ignores SIGTERM it does not handle: its script handles it.
+    """The init container's python is PID 1, which ignores SIGTERM it does not handle: ingest.wait handles it.
     (Here python is not PID 1: without the handler it would die of the signal, -15, not exit 143.)"""
     values = {**scenario("default"), "data": {"url": str(tmp_path / "not-yet")}, "ingest": {"enabled": True, "input": "/raw"}}
     [wait] = find(render(values)[0], "Job", "t-trainer")["spec"]["template"]["spec"]["initContainers"]

@@ -55,7 +55,8 @@ FAILED = job([
     {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
      "message": "Job has reached the specified backoff limit",
      "lastProbeTime": "2026-12-01T11:00:01Z", "lastTransitionTime": "2026-12-01T11:00:01Z"}])
-FORBIDDEN = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "Forbidden", "code": 403,
+FORBIDDEN = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "Forbidden",
+             "code": 403,
              "message": f'jobs.batch "{JOB}" is forbidden: User "system:serviceaccount:ml:t-trainer" cannot get '
                         f'resource "jobs" in API group "batch" in the namespace "ml"',
              "details": {"name": JOB, "group": "batch", "kind": "jobs"}}
@@ -148,8 +149,9 @@ def test_it_gives_up_with_one_line_once_the_ingest_job_has_failed(api, tmp_path)
     finally:
         process.kill()
     text = log.read_text()
-    assert text.splitlines()[-1] == (f"error: ingest Job {NAMESPACE}/{JOB} has failed (BackoffLimitExceeded: Job has "
-                                     f"reached the specified backoff limit): {data}/manifest.json will never be written")
+    assert text.splitlines()[-1] == (f"error: ingest Job {NAMESPACE}/{JOB} has failed (BackoffLimitExceeded: Job "
+                                     f"has reached the specified backoff limit): {data}/manifest.json will never be "
+                                     f"written")
     assert "Traceback" not in text
 
 
@@ -180,3 +182,24 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
         result = subprocess.run([sys.executable, "-m", "ingest.wait", *args], cwd=REPO, capture_output=True, text=True,
                                 timeout=60)
         assert result.returncode == 2 and message in result.stderr.splitlines()[-1] and "Traceback" not in result.stderr
+
+
+def test_the_charts_init_container_gives_up_on_its_release_s_failed_ingest(api, tmp_path, monkeypatch):
+    """The rendered wait-for-data: it asks for the Job the chart's Role lets it get, in the release's namespace."""
+    from .test_chart import find, render, scenario, start_pod
+
+    data = tmp_path / "shards"
+    values = {**scenario("default"), "data": {"url": str(data)}, "ingest": {"enabled": True, "input": "/raw"}}
+    objects, _ = render(values)
+    [wait] = find(objects, "Job", "t-trainer")["spec"]["template"]["spec"]["initContainers"]
+    [rule] = find(objects, "Role", "t-trainer-wait-for-data")["rules"]
+    assert rule["resourceNames"] == [JOB]   # and the release's namespace is ml: the API path it serves
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig(tmp_path / "config", f"http://127.0.0.1:{api.server_port}")))
+    api.answer = (200, FAILED)
+    log = tmp_path / "wait.log"
+    process = start_pod(wait, 0, {}, log)
+    assert process.wait(timeout=60) == EXIT_INPUT, log.read_text()
+    last = log.read_text().splitlines()[-1]
+    assert last.startswith(f"error: ingest Job {NAMESPACE}/{JOB} has failed (BackoffLimitExceeded")
+    assert api.requests == [(JOB_PATH, f"Bearer {TOKEN}")]

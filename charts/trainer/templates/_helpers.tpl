@@ -135,10 +135,11 @@ whenUnsatisfiable.
 
 {{/* Pod-level settings shared by the trainer and the ingest pods. */}}
 {{/*
-Recovery without a human (a Job spec fragment; `containerName` and the permanent `exitCodes` in the dict):
-disruptions (preemption, eviction, a node drained) never count against backoffLimit; a permanent
-failure (bad flags, bad data) fails the Job at once; anything else is retried, each failed pod
-replaced only once it has terminated (never two pods of one index: Horovod ranks would clash).
+Recovery without a human (a Job spec fragment; `containerName` and the permanent `exitCodes` in the dict, and
+the permanent `waitExitCodes` of the init container wait-for-data, if any): disruptions (preemption, eviction,
+a node drained) never count against backoffLimit; a permanent failure (bad flags, bad data, the ingest Job
+failed) fails the Job at once; anything else is retried, each failed pod replaced only once it has terminated
+(never two pods of one index: Horovod ranks would clash).
 */}}
 {{- define "trainer.recovery" -}}
 podReplacementPolicy: Failed
@@ -152,6 +153,13 @@ podFailurePolicy:
         containerName: {{ .containerName }}
         operator: In
         values: {{ .exitCodes | toJson }}
+    {{- with .waitExitCodes }}
+    - action: FailJob
+      onExitCodes:
+        containerName: wait-for-data
+        operator: In
+        values: {{ . | toJson }}
+    {{- end }}
 {{- end }}
 
 {{- define "trainer.podSpecCommon" -}}
