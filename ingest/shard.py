@@ -49,12 +49,12 @@ def run(config: IngestConfig) -> RunReport:
     output = Location(config.output, config.storage_options)
     fs, root = prepare_output(output)
     report = RunReport(where=display(fs, root))
-    metrics = IngestMetrics(config.metrics_port)
+    metrics = IngestMetrics(config.metrics_port, config.worker_index, config.num_workers)
     if config.input is not None:
         _run_worker(config, output, fs, root, report, metrics)
     if config.pushgateway:
         try:
-            metrics.push(config.pushgateway, grouping={"worker": str(config.worker_index)})
+            metrics.push(config.pushgateway)
         except OSError as exc:  # the dataset is complete; losing its metrics must not fail the job
             log.warning("could not push metrics to %s: %s", config.pushgateway, exc)
     if config.finalize or (config.input is not None and config.num_workers == 1):
@@ -91,6 +91,7 @@ def _plan_and_build(config: IngestConfig, source: Location, fs, root: str, runne
     mine = plan.for_worker(config.num_workers, config.worker_index)
     committed = load_committed(fs, root, plan.plan_id)
     todo = [shard for shard in mine if shard.name not in committed]
+    metrics.record_plan(mine, [committed[shard.name] for shard in mine if shard.name in committed])
     report.skipped = len(mine) - len(todo)
     log.info("%s: %d classes, %d shards planned, %d for this worker, %d already committed "
              "(listed and planned in %.1f s)", scan.kind, len(plan.classes), len(plan.shards), len(mine),

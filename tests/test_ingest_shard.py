@@ -405,14 +405,15 @@ def test_metrics_served_during_the_run_match_the_manifest(tiny, tmp_path):
                              capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     manifest = report.manifest
-    assert f'ingest_images_total{{split="train"}} {float(manifest["splits"]["train"]["samples"])}' in exposition
-    assert f"ingest_shards_committed_total {float(len(report.written))}" in exposition
+    assert f'ingest_images_total{{split="train",worker="0"}} {float(manifest["splits"]["train"]["samples"])}' \
+        in exposition
+    assert f'ingest_shards_committed_total{{worker="0"}} {float(len(report.written))}' in exposition
     for cause, count in manifest["reencoded"].items():
-        assert f'ingest_images_reencoded_total{{cause="{cause}"}} {float(count)}' in exposition
+        assert f'ingest_images_reencoded_total{{cause="{cause}",worker="0"}} {float(count)}' in exposition
     shard_rejects = [r for e in report.written for r in e["rejected"]]
     assert shard_rejects and manifest["rejected_by_reason"]["missing_file"] == 1
     for reason, count in manifest["rejected_by_reason"].items():   # listing and shard rejections alike
-        assert f'ingest_images_rejected_total{{reason="{reason}"}} {float(count)}' in exposition
+        assert f'ingest_images_rejected_total{{reason="{reason}",worker="0"}} {float(count)}' in exposition
 
 
 def test_final_counts_are_pushed_to_a_real_pushgateway(tiny, tmp_path):

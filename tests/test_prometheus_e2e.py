@@ -1,10 +1,12 @@
 """A real Prometheus (Debian package, on 127.0.0.1, temporary storage, 1 s scrapes) scrapes a real
 2-worker training run and a real ingest run; then every expression of the dashboards and of the
-rules is evaluated through its HTTP API. Dashboard and recording expressions must return data;
-alert expressions (thresholds that should not fire here) must evaluate without error."""
+rules is evaluated through its HTTP API. Dashboard panels, template variables and recording rules
+must return data; alert expressions (thresholds that should not fire here) must evaluate without
+error."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -25,7 +27,10 @@ from .conftest import REPO
 DASHBOARDS = REPO / "deploy" / "grafana" / "dashboards"
 RULES = REPO / "deploy" / "prometheus" / "rules.yml"
 # What Grafana substitutes for the template variables when "All" is selected.
-VARIABLES = {"$namespace": ".*", "$job": ".*", "$__rate_interval": "1m"}
+VARIABLES = {"$namespace": ".*", "$job": ".*", "$__rate_interval": "1m", "$__range": "1h"}
+# The label the Prometheus Operator (or a kubernetes_sd relabelling) gives every target.
+NAMESPACE = "trainer-test"
+LABEL_VALUES = re.compile(r"^label_values\((.+), *(\w+)\)$")
 
 
 def dashboard_expressions() -> list[tuple[str, str]]:
@@ -38,6 +43,25 @@ def dashboard_expressions() -> list[tuple[str, str]]:
                     expr = expr.replace(variable, value)
                 found.append((f"{path.stem}: {panel['title']}", expr))
     return found
+
+
+def variable_queries() -> list[tuple[str, str, str]]:
+    """(what, series selector, label) of every `label_values(selector, label)` template variable."""
+    found = []
+    for path in sorted(DASHBOARDS.glob("*.json")):
+        for variable in json.loads(path.read_text())["templating"]["list"]:
+            if variable["type"] == "query":
+                selector, label = LABEL_VALUES.match(variable["query"]["query"]).groups()
+                for name, value in VARIABLES.items():
+                    selector = selector.replace(name, value)
+                found.append((f"{path.stem}: variable {variable['name']}", selector, label))
+    return found
+
+
+def label_values(server: str, selector: str, label: str) -> list[str]:
+    """What Grafana's label_values(selector, label) asks Prometheus."""
+    url = f"{server}/api/v1/label/{label}/values?{urllib.parse.urlencode({'match[]': selector})}"
+    return json.loads(urllib.request.urlopen(url, timeout=10).read())["data"]
 
 
 def rule_expressions() -> tuple[list[str], list[str]]:
@@ -63,8 +87,10 @@ def prometheus(tmp_path, train_shards):
         "rule_files": [str(RULES)],
         "scrape_configs": [
             {"job_name": "trainer", "static_configs": [
-                {"targets": [f"127.0.0.1:{trainer_port}", f"127.0.0.1:{trainer_port + 1}"]}]},
-            {"job_name": "ingest", "static_configs": [{"targets": [f"127.0.0.1:{ingest_port}"]}]},
+                {"targets": [f"127.0.0.1:{trainer_port}", f"127.0.0.1:{trainer_port + 1}"],
+                 "labels": {"namespace": NAMESPACE}}]},
+            {"job_name": "ingest", "static_configs": [{"targets": [f"127.0.0.1:{ingest_port}"],
+                                                       "labels": {"namespace": NAMESPACE}}]},
         ],
     }
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -85,13 +111,16 @@ def test_every_dashboard_and_rule_expression_works_on_real_runs(prometheus, trai
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=(tmp_path / "training.log").open("w"))
     records, alerts = rule_expressions()
     wanted = dashboard_expressions() + [(f"recording rule {r}", r) for r in records]
-    missing = wanted
+    variables = variable_queries()
+    missing = wanted + variables
     try:
         deadline = time.monotonic() + 240
         while missing and time.monotonic() < deadline and training.poll() is None:
             time.sleep(2)
             missing = [(name, expr) for name, expr in wanted
                        if query(server, expr)["status"] != "success" or not query(server, expr)["data"]["result"]]
+            missing += [(name, selector) for name, selector, label in variables
+                        if not label_values(server, selector, label)]
     finally:
         ended = training.poll()
         training.kill()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -49,6 +50,7 @@ class Progress:
     best_weights: list[np.ndarray] | None = None   # rank 0 only: it saves the model
     stopped_early: bool = False
     partial: Partial | None = None                  # of epoch next_epoch, when checkpointed mid-epoch
+    saved_at: float | None = None                   # Unix time of the checkpoint restored
 
     @property
     def best(self) -> EpochResult | None:
@@ -88,7 +90,8 @@ def save(fs, root: str, trainer: Trainer, progress: Progress, seed_states: np.nd
         "state": name, "next_epoch": progress.next_epoch, "best_epoch": progress.best_epoch,
         "stopped_early": progress.stopped_early, "history": [asdict(r) for r in progress.history],
         "config": trainer.config.to_json(), "workers": trainer.workers.size,
-        "dataset": trainer.data.manifest.get("plan_id"), "partial": asdict(partial) if partial else None}))
+        "dataset": trainer.data.manifest.get("plan_id"), "partial": asdict(partial) if partial else None,
+        "saved_at": time.time()}))
     _prune(fs, root, keep=name)
 
 
@@ -152,7 +155,8 @@ def _load(fs, root: str, trainer: Trainer) -> dict | None:
     return {"next_epoch": latest["next_epoch"], "history": [EpochResult(**r) for r in latest["history"]],
             "best_epoch": latest["best_epoch"], "stopped_early": latest["stopped_early"],
             "best_weights": best_weights, "seed_states": seed_states,
-            "partial": Partial(**latest["partial"]) if latest.get("partial") else None}
+            "partial": Partial(**latest["partial"]) if latest.get("partial") else None,
+            "saved_at": latest.get("saved_at")}
 
 
 def _check_compatible(fs, root: str, latest: dict, trainer: Trainer) -> None:

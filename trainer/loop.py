@@ -117,9 +117,14 @@ class Trainer:
     @tf.function
     def train_step(self, images: tf.Tensor, labels: tf.Tensor, flags: tf.Tensor) -> tf.Tensor:
         """One synchronous step; returns [loss averaged over ranks, this rank's correct top-1, top-5,
-        stop, checkpoint]. The loss is the one minimised: the data loss plus the model's regularisation
-        losses. `flags` ([stop, checkpoint] of this rank) ride in the same allreduce: above 0 when any
-        rank asked, so all ranks agree on the step after which to checkpoint or stop."""
+        stop, checkpoint, seconds computing the gradients, seconds in their allreduce]. The loss is the
+        one minimised: the data loss plus the model's regularisation losses. `flags` ([stop, checkpoint]
+        of this rank) ride in the same allreduce: above 0 when any rank asked, so all ranks agree on
+        the step after which to checkpoint or stop. The two durations, per rank, show a straggler: it
+        computes longest and waits least in the allreduce. TensorFlow refuses clock ops under op
+        determinism: --deterministic runs report 0 for both."""
+        timed = not self.config.deterministic
+        started = _clock_after([images]) if timed else None
         with tf.GradientTape() as tape:
             probabilities = self.model(images, training=True)
             loss = self.loss_fn(labels, probabilities)
@@ -127,11 +132,15 @@ class Trainer:
                 loss += tf.add_n([tf.cast(penalty, loss.dtype) for penalty in self.model.losses])
             scaled = self.optimizer.scale_loss(loss)   # the loss itself unless loss scaling is on
         variables = self.model.trainable_variables
+        gradients = tape.gradient(scaled, variables)
+        computed = _clock_after(gradients) if timed else None
         # The loss rides with the gradients: every rank sees the same mean loss, so all stop together.
-        *gradients, mean_loss, flags = dist.average([*tape.gradient(scaled, variables), loss, flags])
+        *gradients, mean_loss, flags = dist.average([*gradients, loss, flags])
+        reduced = _clock_after([mean_loss]) if timed else None
         self.optimizer.apply_gradients(zip(gradients, variables))
+        seconds = tf.cast(tf.stack([computed - started, reduced - computed]), tf.float32) if timed else tf.zeros([2])
         return tf.concat([tf.stack([mean_loss, evaluation.top_k_hits(probabilities, labels, 1),
-                                    evaluation.top_k_hits(probabilities, labels, 5)]), flags], axis=0)
+                                    evaluation.top_k_hits(probabilities, labels, 5)]), flags, seconds], axis=0)
 
     def train_epoch(self, epoch: int, partial: Partial | None = None) -> tuple[float, float, float, float, float]:
         """(mean loss, top-1, top-5, images/s of this rank, data-wait share) over one epoch, from
@@ -142,9 +151,13 @@ class Trainer:
         done = partial or Partial(0, [0.0, 0.0, 0.0], 0.0, 0.0)
         sums, previous, waiting = tf.constant(done.sums, tf.float32), None, done.waiting
         started = time.perf_counter() - done.seconds
+        pending = None   # the last step, recorded when the next one starts (its result is read a step late)
+        if self.metrics:
+            self.metrics.start_epoch(steps, done.step)
         for step in range(done.step, steps):
             self.progress(f"the input pipeline's batch for epoch {epoch}, step {step}")
             asked = time.perf_counter()
+            self._record_step(pending, asked)
             images, labels = self.next_batch()
             got = time.perf_counter()
             self.progress(f"epoch {epoch}, step {step}: its allreduce with the other ranks")
@@ -156,10 +169,11 @@ class Trainer:
                     _check_finite(epoch, step, result)
                     self._check_weights(epoch, step)
                     shared = dist.average([sums])[0].numpy().tolist()   # exact: the epoch's metrics average these
-                    self.on_boundary(epoch, Partial(step + 1, shared, waiting, time.perf_counter() - started))
-            previous = result
-            if self.metrics:
-                self.metrics.record_step(self.config.batch_size, time.perf_counter() - asked, got - asked)
+                    boundary = time.perf_counter()
+                    self.on_boundary(epoch, Partial(step + 1, shared, waiting, boundary - started))
+                    asked += time.perf_counter() - boundary   # a checkpoint is not step time
+            previous, pending = result, (asked, got - asked, result)
+        self._record_step(pending, time.perf_counter())
         _check_finite(epoch, steps - 1, previous)
         self._agreed(previous)   # a stop asked at the last step: after this epoch's checkpoint
         seconds = time.perf_counter() - started
@@ -170,6 +184,16 @@ class Trainer:
         loss, top1, top5 = (dist.average([sums])[0] / [steps, images_seen, images_seen]).numpy()
         rate = (steps - done.step) * self.config.batch_size / max(seconds - done.seconds, 1e-9)   # this attempt's
         return float(loss), float(top1), float(top5), rate, waiting / seconds
+
+    def _record_step(self, pending: tuple | None, now: float) -> None:
+        """A step's time, from its start to the next one's, and where it went; the readers' counters."""
+        if self.metrics and pending:
+            asked, waited, result = pending
+            phases = {"data": waited}
+            if not self.config.deterministic:   # no clock in the step then (train_step)
+                phases |= dict(zip(("compute", "allreduce"), (float(seconds) for seconds in result[5:7])))
+            self.metrics.record_step(self.config.batch_size, now - asked, phases)
+            self.metrics.record_reads(self.data.source.stats)
 
     def _flags(self) -> tf.Tensor:
         """This rank's [stop, checkpoint]: SIGTERM arrived; rank 0's clock says a checkpoint is due."""
@@ -230,7 +254,7 @@ class Trainer:
         if self.metrics:
             accuracies = {("train", 1): train_top1, ("train", 5): train_top5, ("val", 1): val.top1, ("val", 5): val.top5}
             self.metrics.record_epoch(epoch, loss, accuracies, learning_rate)
-            self.metrics.record_reads(self.data.source.stats)
+            self.metrics.record_reads(self.data.source.stats)   # the evaluation's reads
         if self.workers.is_chief:
             log.info("epoch %d: loss %.4f, train top-1 %.4f top-5 %.4f, val top-1 %.4f top-5 %.4f, "
                      "%.0f img/s per worker, %.1f%% waiting for data", epoch, loss, train_top1, train_top5,
@@ -239,6 +263,17 @@ class Trainer:
                 log.warning("epoch %d: val accuracy is over %d of the split's %d samples (the rest could not be "
                             "read): not exact", epoch, val.seen, val.expected)
         return result
+
+
+def _clock_after(tensors: list[tf.Tensor]) -> tf.Tensor:
+    """The host's clock (seconds) once `tensors` are computed. On a GPU a control dependency alone
+    would fire when their kernels are queued: a scalar made from all of them, copied to the host,
+    waits for the kernels to finish."""
+    values = [t.values if isinstance(t, tf.IndexedSlices) else t for t in tensors]
+    probe = tf.add_n([tf.cast(tf.reshape(v, [-1])[0], tf.float32) for v in values])
+    with tf.device("/CPU:0"):
+        with tf.control_dependencies([tf.identity(probe)]):
+            return tf.timestamp()
 
 
 def _check_finite(epoch: int, step: int, result: tf.Tensor) -> None:

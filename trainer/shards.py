@@ -56,6 +56,11 @@ class ReadStats:
         with self._lock:
             getattr(self, f"skipped_{kind}")[reason] += count
 
+    def snapshot(self) -> tuple[int, dict[str, int], dict[str, int]]:
+        """(shard bytes, skipped shards, skipped samples by reason), read while the readers go on."""
+        with self._lock:
+            return self.shard_bytes, dict(self.skipped_shards), dict(self.skipped_samples)
+
 
 Span = tuple[int, int]
 _ZERO_BLOCK = bytes(BLOCK)

@@ -145,6 +145,8 @@ def train(config: TrainConfig, workers, restart: bool = False) -> dict:
         return json.loads(fs.cat_file(f"{root}/results.json"))
     if workers.is_chief:
         write_atomic(fs, f"{root}/config.json", dump_json(config.to_json()))
+    if metrics:
+        metrics.record_plan(workers.size, config.epochs, progress.next_epoch, progress.saved_at)
     if epochs:
         trainer.start_stream(start_epoch, progress.partial.step if progress.partial else 0)
     trainer.watchdog = Watchdog(config.stall_timeout, workers.rank).start()
@@ -157,6 +159,8 @@ def train(config: TrainConfig, workers, restart: bool = False) -> dict:
             write_atomic(fs, f"{root}/history.csv", records.history_csv(progress))
             checkpoint.save(fs, root, trainer, progress, seed_states)
         trainer.last_checkpoint = time.monotonic()
+        if metrics:
+            metrics.record_checkpoint()
         if trainer.stop_requested:
             where = f"epoch {progress.next_epoch}, step {progress.partial.step}" if progress.partial else \
                 f"the end of epoch {progress.next_epoch - 1}"
