@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench.servers import free_port
+from trainer.errors import EXIT_PEER_LOST
 
 from .conftest import REPO, run_cli
 
@@ -40,6 +41,32 @@ def ranks_of(marker: str) -> dict[int, int]:
                 if entry.startswith(b"HOROVOD_RANK="):
                     found[int(entry.split(b"=")[1])] = int(pid)
     return found
+
+
+def test_a_pod_that_loses_another_exits_with_its_own_code(shards, tmp_path):
+    """Pods of a 2-pod job as the chart runs them (separate launchers): pod 1 is deleted (its processes
+    killed) mid-run. Pod 0's rank loses it in the next allreduce and its pod exits 9, which the Job does
+    not count against backoffLimit (the lost pod's failure, or its disruption, is the incident)."""
+    out, port = tmp_path / "out", free_port()
+    train = [sys.executable, "-m", "trainer.train", "--data", str(shards), "--output", str(out),
+             "--preset", "seed-model1", "--batch-size", "16", "--epochs", "30"]
+    pods = [subprocess.Popen([sys.executable, "-m", "trainer.launch", "--pods=2", f"--pod-index={index}",
+                              "--host-template=pod-{index}", "--rendezvous-addr=127.0.0.1", f"--port={port}",
+                              "--iface=lo", "--", *train], cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True) for index in range(2)]
+    try:
+        while not (out / "checkpoints" / "latest.json").exists():
+            assert all(pod.poll() is None for pod in pods), [pod.communicate()[1][-2000:] for pod in pods]
+            time.sleep(0.2)
+        os.killpg(pods[1].pid, signal.SIGKILL)
+        _, stderr = pods[0].communicate(timeout=NO_HANG_SECONDS)
+    finally:
+        for pod in pods:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pod.pid, signal.SIGKILL)
+            pod.wait()
+    assert pods[0].returncode == EXIT_PEER_LOST, stderr[-3000:]
+    assert "error: rank 0: lost another worker" in stderr and "Traceback" not in stderr
 
 
 def test_a_worker_killed_mid_epoch_fails_the_job_fast_and_the_same_command_resumes(shards, tmp_path):

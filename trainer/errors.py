@@ -2,12 +2,13 @@
 their exit codes (documented in docs/training.md)."""
 from __future__ import annotations
 
-from ingest.errors import EXIT_FAILED, EXIT_USAGE, IngestError
+from ingest.errors import EXIT_USAGE, IngestError
 
 EXIT_DIVERGED = 6   # the training loss became NaN or infinite; lower --lr and rerun with --restart
 EXIT_STALLED = 7    # no step completed within --stall-timeout (a peer gone or frozen); rerun to resume
 EXIT_ATTEMPT_ENDED = 8   # trainer.launch, pod 0: a pod of its rendezvous attempt was replaced, so the
                          # attempt cannot complete; the Job replaces pod 0 and every pod rendezvous again
+EXIT_PEER_LOST = 9  # another rank failed or vanished; this one is fine: the cause is the other's failure
 
 
 class UsageError(IngestError):
@@ -21,9 +22,10 @@ class ConfigMismatch(UsageError):
 
 
 class WorkerLost(IngestError):
-    """Another rank died or became unreachable; rerunning resumes from the last checkpoint."""
+    """Another rank died or became unreachable; rerunning resumes from the last checkpoint. Its own
+    code, so that a Job counts an incident once (the rank that failed), not once per surviving pod."""
 
-    exit_code = EXIT_FAILED
+    exit_code = EXIT_PEER_LOST
 
 
 class Diverged(IngestError):

@@ -27,7 +27,7 @@ import time
 
 from horovod.runner.common.util.hosts import get_host_assignments, parse_hosts
 
-from trainer.errors import EXIT_ATTEMPT_ENDED
+from trainer.errors import EXIT_ATTEMPT_ENDED, EXIT_PEER_LOST
 from trainer.rendezvous import AttemptServer, RendezvousError, Relay, join_attempt
 
 log = logging.getLogger("trainer.launch")
@@ -128,7 +128,8 @@ def _wait(processes: list[subprocess.Popen], names: list[str], grace: float = ST
             codes = [p.poll() for p in processes]
             failed = [(name, c) for name, c in zip(names, codes) if c not in (None, 0)]
             if failed:
-                name, code = failed[0]
+                # The cause before its consequences: a rank that lost another one seen in the same poll.
+                name, code = min(failed, key=lambda failure: failure[1] == EXIT_PEER_LOST)
                 print(f"trainer.launch: {name} {_describe(code)}; stopping the others", file=sys.stderr, flush=True)
                 return code if code > 0 else 128 - code   # a shell's code for death by signal
             if all(c == 0 for c in codes):

@@ -153,6 +153,13 @@ podFailurePolicy:
         containerName: {{ .containerName }}
         operator: In
         values: {{ .exitCodes | toJson }}
+    {{- with .ignoreExitCodes }}
+    - action: Ignore
+      onExitCodes:
+        containerName: {{ $.containerName }}
+        operator: In
+        values: {{ . | toJson }}
+    {{- end }}
     {{- with .waitExitCodes }}
     - action: FailJob
       onExitCodes:
