@@ -18,6 +18,7 @@ from ingest import cli
 from ingest.errors import InputError, StorageError
 from ingest.storage import parse_storage_options
 
+from . import katib
 from .config import LR_SCALINGS, LR_SCHEDULES, OPTIMIZERS, PRESETS, TrainConfig, from_preset, preset_for
 from .models import MODELS, ModelConfig
 
@@ -77,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="fsspec storage option for --data and --output, repeatable (e.g. endpoint_url=http://127.0.0.1:9000); "
              "credentials come from the environment, never from flags")
     add("--log-level", default="INFO", choices=cli.LOG_LEVELS, help="logging level (default INFO)")
+    add("--katib-metrics", action="store_true",
+        help="rank 0 prints each epoch's and, last, the run's accuracies to stdout as name=value lines for Kubeflow "
+             "Katib's StdOut metrics collector (the chart's sweeps; docs/kubernetes.md)")
     return parser
 
 
@@ -111,7 +115,7 @@ def _epoch_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(message) from None
 
 
-def train(config: TrainConfig, workers, restart: bool = False) -> dict:
+def train(config: TrainConfig, workers, restart: bool = False, katib_metrics: bool = False) -> dict:
     """Every rank: the whole run, resumed from the last checkpoint unless `restart`. Returns results."""
     from importlib.metadata import version
 
@@ -176,6 +180,8 @@ def train(config: TrainConfig, workers, restart: bool = False) -> dict:
         if progress.record(trainer.run_epoch(epoch, progress.partial)) and workers.is_chief:
             progress.best_weights = trainer.model.get_weights()
         progress.stopped_early = bool(patience) and progress.stale >= patience
+        if katib_metrics and workers.is_chief:
+            katib.print_epoch(progress.history[-1])
         save()
         if progress.stopped_early:
             log.info("early stopping: val top-5 has not improved for %d epochs", progress.stale)
@@ -209,7 +215,7 @@ def _run(args: argparse.Namespace, config: TrainConfig) -> int:
     workers = dist.init()
     logging.getLogger("trainer").setLevel(args.log_level if workers.is_chief else "WARNING")
     try:
-        results = train(config, workers, args.restart)
+        results = train(config, workers, args.restart, args.katib_metrics)
     except ValueError as exc:    # a setting that does not fit the dataset (e.g. fewer samples than a batch)
         raise InputError(str(exc)) from None
     except StorageGone as exc:   # the shards stopped being readable mid-run: perhaps for a while only
@@ -221,6 +227,8 @@ def _run(args: argparse.Namespace, config: TrainConfig) -> int:
         raise WorkerLost(f"rank {workers.rank}: lost another worker (it failed, was killed, or its node or network "
                            f"went away: {cause}); rerun the same command to resume from the last checkpoint") from None
     if workers.is_chief:
+        if args.katib_metrics:
+            katib.print_result(results)
         print(json.dumps(results))
     return 0
 
