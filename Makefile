@@ -31,7 +31,8 @@ test: setup $(SCHEMA)/node_modules/.installed
 # End to end on this machine: synthesise a small TinyImageNet-layout set (with real-data quirks),
 # shard it, verify it, train the seed's Model 1 on 2 Horovod workers (two local "pods" of the project's
 # launcher, as on Kubernetes, rendezvous on 127.0.0.1:$(RENDEZVOUS_PORT)) serving Prometheus metrics on
-# 127.0.0.1:$(METRICS_PORT) and +1 (deploy/prometheus/prometheus.yml scrapes them), print the results row.
+# 127.0.0.1:$(METRICS_PORT) and +1 (deploy/prometheus/prometheus.yml scrapes them), print its row of the
+# study's table (trainer.report).
 METRICS_PORT ?= 9400
 RENDEZVOUS_PORT ?= 29500
 demo: setup
@@ -43,7 +44,7 @@ demo: setup
 	$(BIN)/python -m trainer.launch --local-pods 2 --port $(RENDEZVOUS_PORT) -- \
 		$(BIN)/python -m trainer.train --data $(DEMO)/shards --output $(DEMO)/run --preset seed-model1-aug --epochs 6 --batch-size 32 --lr 0.002 --log-level WARNING \
 		--metrics-port $(METRICS_PORT)
-	@echo "results row ($(DEMO)/run/results.json):" && cat $(DEMO)/run/results.json
+	$(BIN)/python -m trainer.report $(DEMO)/run
 
 bench: setup
 	$(BIN)/python -m bench.ingest
