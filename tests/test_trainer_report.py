@@ -140,14 +140,16 @@ def test_plot_draws_every_curve(runs, tmp_path):
     assert colours is None or len(colours) > 4
 
 
-def test_an_extended_run_and_an_early_stop_read_from_their_files(runs, tmp_path):
+def test_an_extended_run_an_early_stop_and_a_run_without_epochs(runs, tmp_path):
     """A finished run rerun with more --epochs (its checkpoint ahead of results.json) is unfinished; a run
-    that stopped early names its last epoch."""
+    that stopped early names its last epoch; a run before its first checkpoint is listed last, values unknown."""
     from trainer import report as library
 
     prefix = tmp_path / "copies"
     for name in ("extended", "stopped"):
         shutil.copytree(runs / "aug", prefix / name)
+    (prefix / "starting").mkdir()
+    shutil.copy(runs / "aug" / "config.json", prefix / "starting")
     latest = json.loads((prefix / "extended/checkpoints/latest.json").read_text())
     latest["history"].append(latest["history"][-1] | {"epoch": len(latest["history"]), "val_top5": 1.0})
     latest["best_epoch"] = len(latest["history"]) - 1
@@ -160,6 +162,13 @@ def test_an_extended_run_and_an_early_stop_read_from_their_files(runs, tmp_path)
     assert rows["extended"]["val_top5"] == 1.0 and rows["extended"]["early_stopping_epoch"] is None
     assert rows["stopped"]["status"] == "finished"
     assert rows["stopped"]["early_stopping_epoch"] == results["epochs_run"] - 1
+    assert rows["starting"] | {"url": None} == {
+        "run_id": "starting", "model": "model1", "dropout": [0.5], "augmentation": True, "status": "unfinished",
+        "epochs_run": 0, "url": None} | dict.fromkeys(("train_top1", "train_top5", "val_top1", "val_top5", "top5_gap",
+                                                       "early_stopping_epoch", "workers", "images_per_second",
+                                                       "best_epoch"))
+    last = markdown_rows(library.report([str(prefix)]))[-1]
+    assert last["RunID"] == "starting" and last["ValTop5Acc"] == last["Workers"] == "-"
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:

@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -72,7 +73,7 @@ def load(urls: list[str], storage_options: dict[str, Any] | None = None) -> list
     return runs
 
 
-def _open(url: str, options: dict[str, Any]):
+def _open(url: str, options: dict[str, Any]) -> tuple[Any, str]:
     try:
         return Location(url, options).open()
     except (ImportError, ValueError) as exc:   # an unknown protocol, a storage library not installed
@@ -90,7 +91,7 @@ def _find(fs, root: str) -> list[tuple[str, str]]:
 
 
 def _walk(fs, path: str, depth: int) -> Iterator[str]:
-    """Runs by a breadth of one listing per directory visited: a run's own subdirectories are never listed."""
+    """The runs at or below `path`, one listing per directory visited: a run's own folders are never listed."""
     try:
         entries = fs.ls(path, detail=True)
     except (FileNotFoundError, NotADirectoryError):
@@ -262,6 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print(text: str) -> None:
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # The reader stopped early (`| head`): not an error. Stdout to /dev/null, or the flush at exit fails again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv: list[str] | None = None) -> int:
     from ingest.storage import parse_storage_options
 
@@ -270,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         logging.getLogger("trainer").setLevel(args.log_level)
         runs = load(args.urls, options)
-        print(render(rows(runs), args.format))
+        _print(render(rows(runs), args.format))
         if args.plot:
             write_plot(runs, args.plot, options)
 
