@@ -26,7 +26,8 @@ from .conftest import REPO, run_cli, use_s3_endpoint
 CHART = REPO / "charts" / "trainer"
 SCENARIOS = sorted((CHART / "ci").glob("*-values.yaml"))
 CRDS = {("monitoring.coreos.com/v1", "PodMonitor"): "podmonitor-v1.yaml",
-        ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule-v1.yaml"}
+        ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule-v1.yaml",
+        ("kubeflow.org/v1beta1", "Experiment"): "katib-experiment-v1beta1.yaml"}
 SECRET = "object-store"
 DASHBOARDS = REPO / "deploy" / "grafana" / "dashboards"
 RULES = REPO / "deploy" / "prometheus" / "rules.yml"
@@ -54,7 +55,14 @@ def find(objects: list[dict], kind: str, name: str) -> dict:
 
 
 def pod_templates(objects: list[dict]) -> list[dict]:
-    return [o["spec"]["template"] for o in objects if o["kind"] == "Job"]
+    """The pods of the Jobs and of a Katib Experiment's trials."""
+    return [job["spec"]["template"] for job in jobs(objects)]
+
+
+def jobs(objects: list[dict]) -> list[dict]:
+    """The Jobs, and the trial Job of a Katib Experiment as its template stands (with Katib's placeholders)."""
+    return [o for o in objects if o["kind"] == "Job"] + [
+        o["spec"]["trialTemplate"]["trialSpec"] for o in objects if o["kind"] == "Experiment"]
 
 
 def containers(pod: dict) -> list[dict]:
@@ -94,7 +102,10 @@ def test_every_object_matches_its_schema(values):
             jsonschema.validate(obj, crd)
         else:
             kubernetes_validate.validate(obj, version, strict=True)
-    assert {o["kind"] for o in objects} >= {"Job", "ServiceAccount", "NetworkPolicy"}
+    for experiment in (o for o in objects if o["kind"] == "Experiment"):   # Katib's schema leaves its Job open
+        kubernetes_validate.validate(experiment["spec"]["trialTemplate"]["trialSpec"], version, strict=True)
+    kinds = {o["kind"] for o in objects}
+    assert kinds >= {"ServiceAccount", "NetworkPolicy"} and kinds & {"Job", "Experiment"}
 
 
 def test_schema_catches_mistakes_and_the_urls_are_required():
@@ -564,10 +575,12 @@ def kubelet_env(container: dict, index: int, secrets: dict) -> dict[str, str]:
 
 
 def start_pod(container: dict, index: int, secrets: dict, log: Path, rewrite=lambda argv: argv) -> subprocess.Popen:
-    """One pod's container as a local process: its command and args with $(VAR) expanded from its env.
-    The image's `python` is this virtualenv's; AWS settings come only from the chart, not from this process."""
+    """One pod's container as a local process: its command and args expanded as the kubelet does ($(VAR) from its
+    env, $$ to $). The image's `python` is this virtualenv's; AWS settings come only from the chart, not from this
+    process."""
     env = kubelet_env(container, index, secrets)
-    argv = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in container["command"] + container.get("args", [])]
+    argv = [re.sub(r"\$\$|\$\((\w+)\)", lambda m: env[m.group(1)] if m.group(1) else "$", a)
+            for a in container["command"] + container.get("args", [])]
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     inherited["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     with log.open("w") as out:

@@ -1,4 +1,13 @@
-{{- if .Values.train.enabled }}
+{{/*
+The training Job (a dict: `root`, the chart's context; `name`, the Job's name as its pods know it; `output`, the
+run's --output; `trial`: a Katib trial's, named by Katib, its trainer.train also given --katib-metrics and the
+sweep's parameters). templates/job.yaml renders it for one run, templates/experiment.yaml as Katib's trial.
+*/}}
+{{- define "trainer.job" }}
+{{- $name := .name }}
+{{- $output := .output }}
+{{- $trial := .trial }}
+{{- with .root }}
 {{- $fullname := include "trainer.fullname" . }}
 {{- $slots := int (include "trainer.slots" .) }}
 {{- $workers := int .Values.workers }}
@@ -12,7 +21,9 @@
 apiVersion: batch/v1
 kind: Job
 metadata:
-  name: {{ $fullname }}
+  {{- if not $trial }}
+  name: {{ $name }}
+  {{- end }}
   labels:
     {{- include "trainer.labels" . | nindent 4 }}
     app.kubernetes.io/component: trainer
@@ -88,7 +99,7 @@ spec:
             - --pods={{ $workers }}
             - --slots={{ $slots }}
             - --pod-index=$(JOB_COMPLETION_INDEX)
-            - {{ printf "--host-template=%s-{index}.%s" $fullname $fullname | quote }}
+            - {{ printf "--host-template=%s-{index}.%s" $name $fullname | quote }}
             - --port={{ .Values.rendezvous.port }}
             - --rendezvous-timeout={{ .Values.rendezvous.timeoutSeconds }}
             - {{ printf "--iface=%s" .Values.networkInterface | quote }}
@@ -97,7 +108,7 @@ spec:
             - -m
             - trainer.train
             - {{ printf "--data=%s" (required "data.url is required: the --output of ingest.shard" .Values.data.url) | quote }}
-            - {{ printf "--output=%s" (required "output.url is required: where the run's results go" .Values.output.url) | quote }}
+            - {{ printf "--output=%s" $output | quote }}
             {{- with .Values.train.preset }}
             - {{ printf "--preset=%s" . | quote }}
             {{- end }}
@@ -117,6 +128,13 @@ spec:
             {{- range .Values.train.extraArgs }}
             - {{ . | quote }}
             {{- end }}
+            {{- if $trial }}
+            # Pod 0 holds rank 0, which prints the epochs' accuracies for Katib's StdOut collector.
+            - --katib-metrics
+            {{- range .Values.sweep.parameters }}
+            - {{ printf "--%s=${trialParameters.%s}" .name .name | quote }}
+            {{- end }}
+            {{- end }}
           env:
             {{- include "trainer.indexEnv" . | nindent 12 }}
             # Gloo waits this long for every rank to register: pods may start minutes apart. It also bounds
@@ -132,7 +150,7 @@ spec:
             {{- if .Values.metrics.enabled }}
             {{- range $slot := until $slots }}
             - name: metrics-{{ $slot }}
-              containerPort: {{ add $.Values.metrics.port $slot }}
+              containerPort: {{ add $.root.Values.metrics.port $slot }}
             {{- end }}
             {{- end }}
           {{- with $resources }}
@@ -175,4 +193,5 @@ spec:
       topologySpreadConstraints:
         {{- . | nindent 8 }}
       {{- end }}
+{{- end }}
 {{- end }}
