@@ -160,9 +160,10 @@ class Trainer:
             self._record_step(pending, asked)
             images, labels = self.next_batch()
             got = time.perf_counter()
+            waited = got - asked
             self.progress(f"epoch {epoch}, step {step}: its allreduce with the other ranks")
             result = self.train_step(images, labels, self._flags())
-            sums, waiting = sums + result[:3], waiting + got - asked
+            sums, waiting = sums + result[:3], waiting + waited
             if previous is not None:   # checked a step late, so that the check never waits for a step
                 _check_finite(epoch, step - 1, previous)
                 if self._agreed(previous) and step + 1 < steps:
@@ -172,7 +173,7 @@ class Trainer:
                     boundary = time.perf_counter()
                     self.on_boundary(epoch, Partial(step + 1, shared, waiting, boundary - started))
                     asked += time.perf_counter() - boundary   # a checkpoint is not step time
-            previous, pending = result, (asked, got - asked, result)
+            previous, pending = result, (asked, waited, result)
         self._record_step(pending, time.perf_counter())
         _check_finite(epoch, steps - 1, previous)
         self._agreed(previous)   # a stop asked at the last step: after this epoch's checkpoint
