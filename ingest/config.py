@@ -66,6 +66,8 @@ class IngestConfig:
             (self.validate in VALIDATION_MODES,
              f"validate {self.validate!r} unknown; choose one of {', '.join(VALIDATION_MODES)}"),
             (1 <= self.quality <= 100, f"quality {self.quality} must be in 1..100"),
+            (self.metrics_port is None or 1 <= self.metrics_port <= 65535,
+             f"metrics port {self.metrics_port} must be in 1..65535"),
         ]
         for ok, message in checks:
             if not ok:

@@ -36,6 +36,12 @@ class IngestError(Exception):
     exit_code = EXIT_FAILED
 
 
+class UsageError(IngestError):
+    """A flag argparse accepted that cannot be used here (e.g. a port already taken): exit 2 like argparse."""
+
+    exit_code = EXIT_USAGE
+
+
 class InputError(IngestError):
     exit_code = EXIT_INPUT
 

@@ -11,6 +11,7 @@ from importlib.metadata import version
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info, push_to_gateway, start_http_server
 
+from .errors import UsageError
 from .images import REENCODE_CAUSES, REJECT_REASONS
 
 
@@ -40,7 +41,10 @@ class IngestMetrics:
         self.bytes.labels(self.worker)
         self.shards.labels(self.worker)
         if port is not None:
-            start_http_server(port, registry=self.registry)
+            try:
+                start_http_server(port, registry=self.registry)
+            except OSError as exc:   # taken, or privileged: the flag's fault, one line (as the trainer's)
+                raise UsageError(f"--metrics-port: cannot serve metrics on port {port}: {exc.strerror or exc}") from None
 
     def record_plan(self, mine: list, committed: list[dict]) -> None:
         """This worker's share (ShardPlans), and the entries of those already committed by an earlier

@@ -46,10 +46,11 @@ class RunReport:
 
 def run(config: IngestConfig) -> RunReport:
     started = time.perf_counter()
+    # First: a --metrics-port that cannot be served is refused before the output is touched.
+    metrics = IngestMetrics(config.metrics_port, config.worker_index, config.num_workers)
     output = Location(config.output, config.storage_options)
     fs, root = prepare_output(output)
     report = RunReport(where=display(fs, root))
-    metrics = IngestMetrics(config.metrics_port, config.worker_index, config.num_workers)
     if config.input is not None:
         _run_worker(config, output, fs, root, report, metrics)
     if config.pushgateway:

@@ -37,3 +37,27 @@ def test_a_rerun_worker_counts_what_its_share_already_holds(tmp_path):
     assert first['ingest_images_total{split="train",worker="1"}'] + \
         first['ingest_images_total{split="val",worker="1"}'] == 28
     assert any(name.startswith("ingest_info{") and 'worker="1"' in name and 'workers="2"' in name for name in first)
+
+
+def test_a_metrics_port_out_of_range_or_in_use_is_one_line_and_exit_2_before_any_work(tmp_path):
+    import socket
+
+    from ingest.errors import EXIT_USAGE
+
+    from .conftest import run_cli
+
+    source = tmp_path / "tiny-imagenet-200"
+    synth.generate(str(source), classes=2, train_per_class=2, val_per_class=1, size=32)
+    out = tmp_path / "out"
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for flag, message in ((70000, "metrics port 70000 must be in 1..65535"), (0, "metrics port 0 must be in"),
+                              (port, f"--metrics-port: cannot serve metrics on port {port}: ")):
+            result = run_cli("ingest.shard", "--input", source, "--output", out, "--processes", "1",
+                             "--metrics-port", flag)
+            assert result.returncode == EXIT_USAGE and "Traceback" not in result.stderr, result.stderr
+            errors = [line for line in result.stderr.splitlines() if "error:" in line]
+            assert len(errors) == 1 and message in errors[0], result.stderr
+            assert not out.exists()   # refused before the output was touched
