@@ -43,11 +43,11 @@ def ranks_of(marker: str) -> dict[int, int]:
     return found
 
 
-def test_a_pod_that_loses_another_exits_with_its_own_code(shards, tmp_path):
-    """Pods of a 2-pod job as the chart runs them (separate launchers): pod 1 is deleted (its processes
-    killed) mid-run. Pod 0's rank loses it in the next allreduce and its pod exits 9, which the Job does
-    not count against backoffLimit (the lost pod's failure, or its disruption, is the incident)."""
-    out, port = tmp_path / "out", free_port()
+@contextlib.contextmanager
+def chart_pods(shards: Path, out: Path):
+    """Pods of a 2-pod job as the chart runs them (a launcher each, in its own process group), once the
+    run has its first checkpoint."""
+    port = free_port()
     train = [sys.executable, "-m", "trainer.train", "--data", str(shards), "--output", str(out),
              "--preset", "seed-model1", "--batch-size", "16", "--epochs", "30"]
     pods = [subprocess.Popen([sys.executable, "-m", "trainer.launch", "--pods=2", f"--pod-index={index}",
@@ -58,15 +58,36 @@ def test_a_pod_that_loses_another_exits_with_its_own_code(shards, tmp_path):
         while not (out / "checkpoints" / "latest.json").exists():
             assert all(pod.poll() is None for pod in pods), [pod.communicate()[1][-2000:] for pod in pods]
             time.sleep(0.2)
-        os.killpg(pods[1].pid, signal.SIGKILL)
-        _, stderr = pods[0].communicate(timeout=NO_HANG_SECONDS)
+        yield pods
     finally:
         for pod in pods:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pod.pid, signal.SIGKILL)
             pod.wait()
+
+
+def test_a_pod_that_loses_another_exits_with_its_own_code(shards, tmp_path):
+    """Pod 1 is deleted (its processes killed) mid-run. Pod 0's rank loses it in the next allreduce and
+    its pod exits 9, which the Job does not count against backoffLimit (the lost pod's failure, or its
+    disruption, is the incident)."""
+    with chart_pods(shards, tmp_path / "out") as pods:
+        os.killpg(pods[1].pid, signal.SIGKILL)
+        _, stderr = pods[0].communicate(timeout=NO_HANG_SECONDS)
     assert pods[0].returncode == EXIT_PEER_LOST, stderr[-3000:]
     assert "error: rank 0: lost another worker" in stderr and "Traceback" not in stderr
+
+
+def test_a_pod_stopped_with_a_preempted_one_exits_with_the_code_of_a_consequence(shards, tmp_path):
+    """Pod 1 is preempted (SIGTERM to its launcher, as the kubelet sends it). Both pods checkpoint at the
+    same step boundary; pod 1 exits 143 (the Job ignores it: DisruptionTarget), pod 0, which got no
+    SIGTERM, exits 9 (ignored too): a preemption costs the Job nothing."""
+    with chart_pods(shards, tmp_path / "out") as pods:
+        pods[1].send_signal(signal.SIGTERM)
+        _, stderr = pods[0].communicate(timeout=NO_HANG_SECONDS)
+        pods[1].wait(timeout=NO_HANG_SECONDS)
+    assert (pods[0].returncode, pods[1].returncode) == (EXIT_PEER_LOST, 143), stderr[-3000:]
+    assert "error: rank 0: another worker got SIGTERM; checkpoint written at epoch" in stderr
+    assert "Traceback" not in stderr and "terminated" not in stderr
 
 
 def test_a_worker_killed_mid_epoch_fails_the_job_fast_and_the_same_command_resumes(shards, tmp_path):

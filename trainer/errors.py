@@ -28,6 +28,14 @@ class WorkerLost(IngestError):
     exit_code = EXIT_PEER_LOST
 
 
+class PeerStopped(IngestError):
+    """Another rank got SIGTERM (its pod preempted or evicted): this one checkpointed with it and stops
+    too, with the code of a consequence, which the Job does not count (the preempted pod's own
+    failure is the disruption)."""
+
+    exit_code = EXIT_PEER_LOST
+
+
 class Diverged(IngestError):
     """The loss or the weights are no longer finite: nothing after that can be trusted."""
 

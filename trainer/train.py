@@ -126,6 +126,7 @@ def train(config: TrainConfig, workers, restart: bool = False, katib_metrics: bo
     from ingest.errors import Terminated
 
     from . import checkpoint, dist, randomness, records, saved
+    from .errors import PeerStopped
     from .loop import Trainer
     from .metrics import TrainerMetrics
     from .watchdog import Watchdog
@@ -168,6 +169,9 @@ def train(config: TrainConfig, workers, restart: bool = False, katib_metrics: bo
         if trainer.stop_requested:
             where = f"epoch {progress.next_epoch}, step {progress.partial.step}" if progress.partial else \
                 f"the end of epoch {progress.next_epoch - 1}"
+            if not cli.terminating():
+                raise PeerStopped(f"rank {workers.rank}: another worker got SIGTERM; checkpoint written at {where}; "
+                                  f"stopping with it (rerun the same command to resume)")
             log.warning("SIGTERM: checkpoint written at %s; stopping", where)
             raise Terminated()
 
