@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import time
 
@@ -136,7 +137,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+
+
+def _check_url(url: str) -> None:
+    """Refuse what would name no dataset: an empty URL waits on the working directory's manifest.json and
+    `s3://` on `/manifest.json`, forever."""
+    if not url.strip():
+        raise ValueError("URL is empty: give the dataset's location (the --output of ingest.shard)")
+    if url != url.strip():
+        raise ValueError(f"URL {url!r} has leading or trailing white space")
+    if "://" in url:
+        protocols, _, path = url.rpartition("://")
+        scheme = protocols.rpartition("::")[2]   # fsspec chains: simplecache::s3://...
+        if not all(_SCHEME.fullmatch(p) for p in protocols.split("::")):
+            raise ValueError(f"URL {url!r} is malformed: no protocol before :// (e.g. s3://bucket/dataset)")
+        if not path.strip("/"):
+            raise ValueError(f"URL {url!r} names no bucket or path after {scheme}://")
+    elif (match := re.match(r"([A-Za-z][A-Za-z0-9+.-]*):/(?!/)", url)):
+        raise ValueError(f"URL {url!r} is malformed: one slash after {match[1]}: ({match[1]}://...?)")
+
+
 def _open(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    _check_url(url)
     try:
         return fsspec.core.url_to_fs(url)
     except (ImportError, ValueError) as exc:   # an unknown protocol, or its library not installed

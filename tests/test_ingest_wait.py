@@ -203,3 +203,17 @@ def test_the_charts_init_container_gives_up_on_its_release_s_failed_ingest(api, 
     last = log.read_text().splitlines()[-1]
     assert last.startswith(f"error: ingest Job {NAMESPACE}/{JOB} has failed (BackoffLimitExceeded")
     assert api.requests == [(JOB_PATH, f"Bearer {TOKEN}")]
+
+
+def test_an_empty_or_malformed_url_is_one_line_and_exit_2():
+    # Each would otherwise wait forever on a manifest.json nobody writes (`''`: the working directory's).
+    cases = {"": "URL is empty", "   ": "URL is empty", " s3://b/x": "leading or trailing white space",
+             "s3://": "names no bucket or path after s3://", "file:///": "names no bucket or path after file://",
+             "s3:///": "names no bucket or path after s3://", "s3:/b/x": "one slash after s3:",
+             "://x": "no protocol before ://", "s 3://b": "no protocol before ://"}
+    for url, message in cases.items():
+        result = subprocess.run([sys.executable, "-m", "ingest.wait", url, "--poll-interval=0.1"], cwd=REPO,
+                                capture_output=True, text=True, timeout=10)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (url, result.stderr)
+        [error] = [line for line in result.stderr.splitlines() if "error:" in line]
+        assert message in error and f"{url!r}" in error if url.strip() else message in error, (url, error)
