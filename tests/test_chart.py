@@ -200,7 +200,9 @@ def test_trainer_job_runs_n_indexed_gpu_pods_behind_a_headless_service():
     job, service = find(objects, "Job", "t-trainer"), find(objects, "Service", "t-trainer")
     spec, pod = job["spec"], job["spec"]["template"]
     assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == 4
-    assert spec["backoffLimit"] == 3 * 4 and pod["spec"]["restartPolicy"] == "Never"
+    # Each pod index's own budget; the Job fails once one index has used it up.
+    assert (spec["backoffLimitPerIndex"], spec["maxFailedIndexes"]) == (3, 0) and "backoffLimit" not in spec
+    assert pod["spec"]["restartPolicy"] == "Never"
     assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
     assert pod["spec"]["subdomain"] == "t-trainer" and pod["spec"]["terminationGracePeriodSeconds"] == 120
     assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()

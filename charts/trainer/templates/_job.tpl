@@ -37,7 +37,10 @@ spec:
   completionMode: Indexed
   completions: {{ $workers }}
   parallelism: {{ $workers }}
-  backoffLimit: {{ mul .Values.retries $workers }}
+  # A budget per pod index: an incident costs the index that failed (its consequences elsewhere are
+  # ignored: podFailurePolicy), and one index failing for good fails the Job (all pods form one run).
+  backoffLimitPerIndex: {{ .Values.retries }}
+  maxFailedIndexes: 0
   {{- with include "trainer.queueSpec" . }}{{ . | nindent 2 }}{{ end }}
   {{- /* 8: pod 0 ended a rendezvous attempt another pod's replacement broke; 9: a rank lost another one.
          Both are the consequence of a failure already counted (or of a disruption, never counted). */}}
