@@ -18,8 +18,13 @@ import argparse
 import contextlib
 import ipaddress
 import logging
+import math
 import os
+import re
+import shutil
 import signal
+import socket
+import string
 import subprocess
 import sys
 import threading
@@ -27,7 +32,7 @@ import time
 
 from horovod.runner.common.util.hosts import get_host_assignments, parse_hosts
 
-from trainer.errors import EXIT_ATTEMPT_ENDED, EXIT_PEER_LOST
+from trainer.errors import EXIT_ATTEMPT_ENDED, EXIT_PEER_LOST, UsageError
 from trainer.rendezvous import AttemptServer, RendezvousError, Relay, join_attempt
 
 log = logging.getLogger("trainer.launch")
@@ -77,21 +82,46 @@ def run_pod(index: int, pods: int, slots: int, template: str, rendezvous_addr: s
     once it runs, but Horovod's rendezvous client gives up after about 1.5 s: pods > 0 first wait to join."""
     plan = host_plan(pods, slots, template)
     hostname = template.format(index=index)
-    server = serve_rendezvous(plan, port, rendezvous_addr) if index == 0 else None
+    server = None
+    if index == 0:
+        try:
+            server = serve_rendezvous(plan, port, rendezvous_addr)
+        except OSError as exc:   # taken (a local run), or not ours to bind
+            raise UsageError(f"--port: pod 0 cannot serve the rendezvous on port {port}: {exc.strerror or exc}") from None
     if server is None:
         relay = Relay(rendezvous_addr, port, join_attempt(rendezvous_addr, port, index, rendezvous_timeout))
     else:   # its own server: reachable before its DNS name resolves
         relay = Relay("127.0.0.1", port, server.attempt)
     mine = [s for s in plan if s.hostname == hostname]
-    processes = [subprocess.Popen(command, env={**os.environ, **slot_environment(s, "127.0.0.1", relay.server_port,
-                                                                                  iface)})
-                 for s in mine]
+    try:
+        processes = _start(command, [{**os.environ, **slot_environment(s, "127.0.0.1", relay.server_port, iface)}
+                                     for s in mine])
+    except BaseException:
+        relay.shutdown()
+        if server is not None:
+            server.shutdown()
+        raise
     try:
         return _wait(processes, [f"rank {s.rank}" for s in mine], ended=server.ended if server else None)
     finally:
         relay.shutdown()
         if server is not None:
             server.shutdown()
+
+
+def _start(command: list[str], environments: list[dict[str, str]]) -> list[subprocess.Popen]:
+    """One process per environment; a command that exec() refuses (checked up front, but e.g. a file that is
+    no program) is a UsageError, the processes already started stopped."""
+    processes: list[subprocess.Popen] = []
+    try:
+        for env in environments:
+            processes.append(subprocess.Popen(command, env=env))
+    except OSError as exc:
+        for process in processes:
+            process.kill()
+            process.wait()
+        raise UsageError(f"cannot start {command[0]}: {exc.strerror or exc}") from None
+    return processes
 
 
 _children: list[subprocess.Popen] = []   # what a SIGTERM to this launcher is passed on to
@@ -180,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer.launch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--pods", type=int, default=1, help="pods in the job (the Indexed Job's completions)")
     parser.add_argument("--slots", type=int, default=1, help="processes per pod, one per GPU (default 1)")
-    parser.add_argument("--pod-index", type=int, default=int(os.environ.get("JOB_COMPLETION_INDEX", "0")),
+    parser.add_argument("--pod-index", type=int, default=os.environ.get("JOB_COMPLETION_INDEX", "0"),
                         help="this pod's index (default $JOB_COMPLETION_INDEX)")
     parser.add_argument("--host-template", default="localhost",
                         help="pod i's DNS name with {index}, e.g. trainer-{index}.trainer (headless Service)")
@@ -195,16 +225,87 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?")
+
+
+def template_problem(template: str, pods: int) -> str | None:
+    """Why --host-template cannot name the pods: it must hold {index} (with more than one pod) and nothing
+    else to fill in, and give host names."""
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as exc:   # a brace left open or unmatched
+        return f"{exc}; use {{index}} for the pod's index (and {{{{ }}}} for a literal brace)"
+    other = next((field for field in fields if field != "index"), None)
+    if other is not None:
+        return f"{{{other}}} is not {{index}}, the one field filled in (with the pod's index)"
+    if pods > 1 and not fields:
+        return f"must contain {{index}}: with {pods} pods, each needs a host name of its own"
+    try:
+        names = [template.format(index=i) for i in range(min(pods, 2))]
+    except (ValueError, KeyError, IndexError) as exc:   # a format spec that does not fit an integer
+        return f"{{index}} cannot be filled in ({exc})"
+    bad = next((name for name in names if not _HOST.fullmatch(name)), None)
+    if bad is not None:
+        return f"gives {bad!r}, not a host name (letters, digits, '-', '_' and '.')"
+    return None
+
+
+def _is_ip(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True
+
+
+def command_problem(program: str) -> str | None:
+    """Why `program` cannot be started here (as every rank would fail to), or None."""
+    if shutil.which(program):
+        return None
+    if os.sep not in program:
+        return "not found on PATH"
+    if not os.path.exists(program):
+        return "no such file"
+    if os.path.isdir(program):
+        return "a directory"
+    return "not executable"
+
+
+def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, command: list[str]) -> None:
+    """Every flag at once, before a rendezvous is served or joined: one line (parser.error, exit 2) each."""
     if not command:
         parser.error("give the command to run after --")
     if args.local_pods is not None and not 1 <= args.local_pods <= MAX_LOCAL_PODS:
         parser.error(f"--local-pods {args.local_pods} must be in 1..{MAX_LOCAL_PODS}: each is a process on this machine")
+    if args.pods < 1:
+        parser.error(f"--pods {args.pods} must be >= 1")
+    if args.slots < 1:
+        parser.error(f"--slots {args.slots} must be >= 1: the processes per pod (one per GPU, or one on CPUs)")
     if not 0 <= args.pod_index < args.pods and not args.local_pods:
         parser.error(f"pod index {args.pod_index} must be in 0..{args.pods - 1}")
+    if not 1 <= args.port <= 65535:
+        parser.error(f"--port {args.port} must be in 1..65535")
+    if not (math.isfinite(args.rendezvous_timeout) and args.rendezvous_timeout > 0):
+        parser.error(f"--rendezvous-timeout {args.rendezvous_timeout:g} must be a number of seconds above 0")
+    problem = template_problem(args.host_template, args.pods)
+    if problem:
+        parser.error(f"--host-template {args.host_template!r}: {problem}")
+    addr = args.rendezvous_addr
+    if addr is not None and not (_HOST.fullmatch(addr) or _is_ip(addr)):
+        parser.error(f"--rendezvous-addr {addr!r} is not a host name or IP address")
+    interfaces = [name for _, name in socket.if_nameindex()]
+    if not args.local_pods and args.iface not in interfaces:   # local pods use lo, whatever --iface says
+        parser.error(f"--iface {args.iface}: no such network interface here (there are: {', '.join(interfaces)})")
+    problem = command_problem(command[0])
+    if problem:
+        parser.error(f"cannot start {command[0]}: {problem}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    check_flags(parser, args, command)
     signal.signal(signal.SIGTERM, _forward_sigterm)
     logging.basicConfig(format="%(name)s: %(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)
@@ -217,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     except RendezvousError as exc:
         log.error("%s", exc)
         return 1
+    except UsageError as exc:   # found only once started: the port taken, a command exec() refuses
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":
