@@ -7,9 +7,10 @@ what the worker's committed shards already hold, so a worker's counters never go
 dashboard's `max by (worker)` of them over time is the dataset's progress, pods ended or not."""
 from __future__ import annotations
 
+import time
 from importlib.metadata import version
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Info, push_to_gateway, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info, Summary, push_to_gateway, start_http_server
 
 from .errors import UsageError
 from .images import REENCODE_CAUSES, REJECT_REASONS
@@ -23,6 +24,10 @@ class IngestMetrics:
         self.images = Counter("ingest_images", "Images stored in committed shards", ["worker", "split"], **metric)
         self.bytes = Counter("ingest_written_bytes", "Shard bytes written", ["worker"], **metric)
         self.shards = Counter("ingest_shards_committed", "Shards committed", ["worker"], **metric)
+        # This run's commits only (the counters above start at an earlier run's): the mean over a window,
+        # rate(_sum) / rate(_count), is of two series of the same age, right however young the worker.
+        self.shard_seconds = Summary("ingest_shard_seconds", "Wall time per shard this run committed: since the "
+                                     "previous commit (or the start of building)", ["worker"], **metric)
         self.rejected = Counter("ingest_images_rejected", "Images rejected, by reason", ["worker", "reason"],
                                 **metric)
         self.reencoded = Counter("ingest_images_reencoded", "Images re-encoded to RGB JPEG, by cause",
@@ -40,6 +45,7 @@ class IngestMetrics:
             self.reencoded.labels(self.worker, cause)
         self.bytes.labels(self.worker)
         self.shards.labels(self.worker)
+        self.shard_seconds.labels(self.worker)
         if port is not None:
             try:
                 start_http_server(port, registry=self.registry)
@@ -52,9 +58,17 @@ class IngestMetrics:
         self.shards_planned.labels(self.worker).set(len(mine))
         self.images_planned.labels(self.worker).set(sum(len(shard.samples) for shard in mine))
         for entry in committed:
-            self.record_shard(entry)
+            self._count(entry)
+        self._since = time.monotonic()   # building starts
 
     def record_shard(self, entry: dict) -> None:
+        """Count one shard this run committed, and the wall time since the previous commit."""
+        now = time.monotonic()
+        self.shard_seconds.labels(self.worker).observe(now - self._since)
+        self._since = now
+        self._count(entry)
+
+    def _count(self, entry: dict) -> None:
         """Count one committed shard from its index entry."""
         self.images.labels(self.worker, entry["split"]).inc(entry["samples"])
         self.bytes.labels(self.worker).inc(entry["bytes"])

@@ -37,6 +37,9 @@ def test_a_rerun_worker_counts_what_its_share_already_holds(tmp_path):
     assert first['ingest_images_total{split="train",worker="1"}'] + \
         first['ingest_images_total{split="val",worker="1"}'] == 28
     assert any(name.startswith("ingest_info{") and 'worker="1"' in name and 'workers="2"' in name for name in first)
+    # The time per shard counts this run's commits only (the ETA's mean), none of a rerun's inherited ones.
+    assert first['ingest_shard_seconds_count{worker="1"}'] == 7 and first['ingest_shard_seconds_sum{worker="1"}'] > 0
+    assert again['ingest_shard_seconds_count{worker="1"}'] == again['ingest_shard_seconds_sum{worker="1"}'] == 0
 
 
 def test_a_metrics_port_out_of_range_or_in_use_is_one_line_and_exit_2_before_any_work(tmp_path):
