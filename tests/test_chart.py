@@ -820,3 +820,26 @@ def test_a_dashboard_that_is_not_json_fails_the_render(tmp_path):
     (chart / "files" / "dashboards" / "trainer.json").write_text('{"title": "Trainer",')
     with pytest.raises(helm.HelmRenderError, match="trainer.json is not JSON"):
         render(scenario("monitoring"), chart=chart)
+
+
+def test_ports_past_65535_or_shared_by_two_servers_fail_the_install():
+    """Rank r serves metrics on metrics.port + r: the last port must exist, and none may be the rendezvous port
+    (the schema checks each value alone; the chart's ports helper checks them together)."""
+    overflow = "metrics.port 65530 + local rank runs to 65537 with 8 processes per pod (gpusPerWorker 8): above 65535"
+    clash = "rendezvous.port {} is also a metrics port: metrics.port {} + local rank, {} to {}"
+    cases = [({"gpusPerWorker": 8, "metrics": {"port": 65530}}, overflow),
+             ({"metrics": {"port": 29500}}, clash.format(29500, 29500, 29500, 29500)),
+             ({"gpusPerWorker": 8, "rendezvous": {"port": 9407}}, clash.format(9407, 9400, 9400, 9407)),
+             ({"gpusPerWorker": 4, "metrics": {"port": 29497}}, clash.format(29500, 29497, 29497, 29500))]
+    for base in (scenario("default"), scenario("sweep")):
+        for bad, message in cases:
+            with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
+                render({**base, **bad})
+    # The edges: the last metrics port 65535, the rendezvous just past the metrics ports, or no metrics ports.
+    for good in ({"gpusPerWorker": 8, "metrics": {"port": 65528}}, {"gpusPerWorker": 8, "rendezvous": {"port": 9408}},
+                 {"gpusPerWorker": 8, "metrics": {"enabled": False, "port": 65530}},
+                 {"gpusPerWorker": 8, "metrics": {"port": 29492}}):
+        objects, _ = render({**scenario("default"), **good})
+        [ports] = [[p["containerPort"] for p in c["ports"]] for pod in pod_templates(objects) for c in containers(pod)
+                   if c["name"] == "trainer"]
+        assert len(set(ports)) == len(ports) and max(ports) <= 65535, (good, ports)

@@ -219,3 +219,23 @@ prometheus.io/port: {{ .Values.metrics.port | quote }}
 prometheus.io/path: /metrics
 {{- end }}
 {{- end }}
+
+{{/*
+The trainer pods' ports taken together (the schema checks each value alone; `fail`, as no JSON schema compares
+two values): local rank r serves metrics on metrics.port + r, so the last of them must be a port (at most 65535)
+and none of them the rendezvous port. Renders nothing.
+*/}}
+{{- define "trainer.checkPorts" -}}
+{{- if .Values.metrics.enabled }}
+{{- $slots := int (include "trainer.slots" .) }}
+{{- $first := int .Values.metrics.port }}
+{{- $last := add $first $slots -1 }}
+{{- if gt $last 65535 }}
+{{- fail (printf "metrics.port %d + local rank runs to %d with %d processes per pod (gpusPerWorker %d): above 65535; set metrics.port to %d or below" $first $last $slots (int .Values.gpusPerWorker) (sub 65536 $slots)) }}
+{{- end }}
+{{- $rendezvous := int .Values.rendezvous.port }}
+{{- if and (ge $rendezvous $first) (le $rendezvous $last) }}
+{{- fail (printf "rendezvous.port %d is also a metrics port: metrics.port %d + local rank, %d to %d (gpusPerWorker %d); move one of them so that they do not overlap" $rendezvous $first $first $last (int .Values.gpusPerWorker)) }}
+{{- end }}
+{{- end }}
+{{- end }}
