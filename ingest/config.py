@@ -1,6 +1,7 @@
 """The ingest job's configuration: one typed dataclass, validated where it is built."""
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -45,6 +46,7 @@ class IngestConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
     metrics_port: int | None = None     # serve Prometheus metrics while running
     pushgateway: str | None = None      # push the final counts there (batch-job pattern)
+    metrics_linger: float = 0.0         # seconds to serve the final metrics once the work is done (the CLI's)
 
     def __post_init__(self) -> None:
         self.splits = tuple(self.splits)
@@ -68,6 +70,9 @@ class IngestConfig:
             (1 <= self.quality <= 100, f"quality {self.quality} must be in 1..100"),
             (self.metrics_port is None or 1 <= self.metrics_port <= 65535,
              f"metrics port {self.metrics_port} must be in 1..65535"),
+            (0 <= self.metrics_linger < math.inf, f"metrics linger {self.metrics_linger} must be a number of seconds >= 0"),
+            (not self.metrics_linger or self.metrics_port is not None,
+             "--metrics-linger needs --metrics-port (it serves the final metrics there)"),
         ]
         for ok, message in checks:
             if not ok:

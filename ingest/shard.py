@@ -283,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="fsspec storage option for input and output, repeatable (e.g. endpoint_url=http://127.0.0.1:9000)")
     add("--metrics-port", type=int, help="serve Prometheus metrics on this port while running")
     add("--pushgateway", metavar="URL", help="push the final counts to this Prometheus Pushgateway at the end")
+    add("--metrics-linger", type=float, default=0.0, metavar="SECONDS",
+        help="with --metrics-port: once the work is done, serve the final metrics this long (2-3 scrape intervals) "
+             "so that Prometheus sees the last shards; SIGTERM ends it with success (default 0)")
     add("--log-level", default="INFO", choices=cli.LOG_LEVELS, help="logging level (default INFO)")
     return parser
 
@@ -302,13 +305,28 @@ def config_from_args(args: argparse.Namespace) -> IngestConfig:
         finalize_if_last=args.finalize_if_last,
         resize=args.resize, validate=args.validate, quality=args.quality, seed=args.seed,
         storage_options=parse_storage_options(args.storage_option),
-        metrics_port=args.metrics_port, pushgateway=args.pushgateway,
+        metrics_port=args.metrics_port, pushgateway=args.pushgateway, metrics_linger=args.metrics_linger,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     args, config = cli.parse(build_parser(), argv, config_from_args)
-    return cli.run_main(lambda: print(summary(run(config))), args.log_level)
+    return cli.run_main(lambda: _shard(config), args.log_level)
+
+
+def _shard(config: IngestConfig) -> None:
+    report = run(config)
+    # The work is done: a stop from now on (SIGTERM, which run_main raises as Terminated, or Ctrl-C)
+    # is a success, not a failure the Job would retry.
+    try:
+        print(summary(report), flush=True)
+        if config.metrics_linger:
+            # A pod that ends takes its /metrics with it: without this, the shards committed since
+            # Prometheus's last scrape are never seen and the dashboard stops short of 100%.
+            log.info("serving the final metrics for %g s (--metrics-linger)", config.metrics_linger)
+            time.sleep(config.metrics_linger)
+    except KeyboardInterrupt:
+        log.info("stopped: the work is done")
 
 
 if __name__ == "__main__":

@@ -372,10 +372,28 @@ def test_ingest_release_splits_the_plan_over_an_indexed_job_then_finalizes():
     [container] = spec["template"]["spec"]["containers"]
     assert container["args"] == ["--input=/raw/ilsvrc2012", "--output=s3://datasets/imagenet", "--num-workers=8",
                                  "--worker-index=$(JOB_COMPLETION_INDEX)", "--processes=8", "--finalize-if-last",
-                                 "--metrics-port=9400", "--resize=320", "--shard-bytes=500M"]
+                                 "--metrics-port=9400", "--metrics-linger=75", "--resize=320", "--shard-bytes=500M"]
     assert container["command"] == ["python", "-m", "ingest.shard"]
     assert {"name": "raw", "mountPath": "/raw", "readOnly": True} in container["volumeMounts"]
     assert "kubectl -n ml wait --for=condition=complete job/t-trainer-ingest" in notes
+
+
+def test_ingest_pods_serve_their_final_metrics_for_the_linger():
+    """A pod that ends takes its /metrics along: the last shards' counts stay scrapeable for
+    metrics.lingerSeconds (2-3 of the PodMonitor's 30 s scrapes by default), only when metrics are served."""
+    def args(values: dict) -> list[str]:
+        [container] = find(render(values)[0], "Job", "t-trainer-ingest")["spec"]["template"]["spec"]["containers"]
+        return container["args"]
+
+    values = scenario("ingest")
+    assert "--metrics-linger=75" in args(values)
+    assert "--metrics-linger=20.5" in args({**values, "metrics": {"lingerSeconds": 20.5}})
+    for metrics in ({"lingerSeconds": 0}, {"enabled": False}):
+        assert not [a for a in args({**values, "metrics": metrics}) if a.startswith("--metrics-linger")]
+    with helm.Chart.load(CHART) as chart:
+        for bad in (-1, "75s"):
+            with pytest.raises(helm.HelmValuesError):
+                chart.validate_schema({**values, "metrics": {"lingerSeconds": bad}})
 
 
 def test_training_in_the_same_release_waits_for_the_ingests_manifest():
@@ -613,6 +631,7 @@ def test_rendered_jobs_ingest_then_train_on_local_processes(train_shards, s3_buc
         "rendezvous": {"port": free_port()}, "networkInterface": "lo",
         "ingest": {"enabled": True, "input": str(train_shards.parent / "tiny"), "workers": 2, "processes": 1,
                    "extraArgs": ["--shard-size=100"]},
+        "metrics": {"lingerSeconds": 0.5},   # the rendered flag, for less than the default 75 s
     }
     secrets = {SECRET: {k: S3_TEST_ENV[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}}
     objects, _ = render(values)
@@ -686,6 +705,7 @@ def test_ingest_pod_stops_on_sigterm_and_its_rerun_completes_the_dataset(train_s
         "s3": {"existingSecret": SECRET, "endpoint": endpoint, "region": S3_TEST_ENV["AWS_DEFAULT_REGION"]},
         "ingest": {"enabled": True, "input": str(train_shards.parent / "tiny"), "workers": 2, "processes": 1,
                    "extraArgs": ["--shard-size=100"]},
+        "metrics": {"lingerSeconds": 0.5},   # the rendered flag, for less than the default 75 s
     }
     [ingest] = find(render(values)[0], "Job", "t-trainer-ingest")["spec"]["template"]["spec"]["containers"]
     logs = [tmp_path / name for name in ("ingest-0.log", "ingest-1.log", "ingest-1-again.log")]

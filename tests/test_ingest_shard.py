@@ -252,7 +252,8 @@ def test_val_annotation_for_a_missing_file_is_reported(tmp_path):
 def test_help_explains_every_flag():
     result = run_cli("ingest.shard", "--help", check=True)
     for flag in ("--input", "--output", "--source", "--shard-size", "--shard-bytes", "--processes", "--num-workers",
-                 "--worker-index", "--finalize", "--resize", "--seed", "--splits", "--storage-option", "exit codes"):
+                 "--worker-index", "--finalize", "--resize", "--seed", "--splits", "--storage-option",
+                 "--metrics-linger", "exit codes"):
         assert flag in result.stdout
 
 
@@ -414,6 +415,49 @@ def test_metrics_served_during_the_run_match_the_manifest(tiny, tmp_path):
     assert shard_rejects and manifest["rejected_by_reason"]["missing_file"] == 1
     for reason, count in manifest["rejected_by_reason"].items():   # listing and shard rejections alike
         assert f'ingest_images_rejected_total{{reason="{reason}",worker="0"}} {float(count)}' in exposition
+
+
+def test_metrics_linger_serves_the_final_counts_and_sigterm_ends_it_with_success(tiny, tmp_path):
+    """On Kubernetes the pod's end takes its /metrics away: the linger keeps the final counts there for
+    Prometheus's next scrapes, and a SIGTERM then (the Job deleted) is no failure: exit 0 at once."""
+    import urllib.request
+
+    from bench.servers import free_port
+
+    out, port, log = tmp_path / "out", free_port(), tmp_path / "stderr"
+    with log.open("w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "ingest.shard", "--input", str(tiny[1]), "--output", str(out),
+                                    "--shard-size", "4", "--processes", "1", "--metrics-port", str(port),
+                                    "--metrics-linger", "600"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 120   # only a hang's bound: a few shards of small images
+        while "(--metrics-linger)" not in log.read_text():
+            assert time.monotonic() < deadline and process.poll() is None, log.read_text()
+            time.sleep(0.05)
+        exposition = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        shards = sum(len(split["shards"]) for split in json.loads((out / "manifest.json").read_text())["splits"].values())
+        assert f'ingest_shards_committed_total{{worker="0"}} {float(shards)}' in exposition
+        assert f'ingest_shards_planned{{worker="0"}} {float(shards)}' in exposition
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, log.read_text()   # not the 600 s linger
+    finally:
+        process.kill()
+        process.wait()
+    assert "Traceback" not in log.read_text() and "terminated" not in log.read_text()
+
+
+def test_metrics_linger_ends_by_itself_and_needs_a_metrics_port(tiny, tmp_path):
+    from bench.servers import free_port
+
+    out = tmp_path / "out"
+    assert_clean_error(ingest(tiny[1], out, "--metrics-linger", "5", check=False), EXIT_USAGE,
+                       "--metrics-linger needs --metrics-port")
+    for value in ("-1", "nan", "inf"):
+        assert_clean_error(ingest(tiny[1], out, "--metrics-port", str(free_port()), "--metrics-linger", value,
+                                  check=False), EXIT_USAGE, "metrics linger", "must be a number of seconds >= 0")
+    assert not out.exists()
+    result = ingest(tiny[1], out, "--processes", "1", "--metrics-port", str(free_port()), "--metrics-linger", "0.5")
+    assert "serving the final metrics for 0.5 s" in result.stderr and "this run:" in result.stdout
 
 
 def test_final_counts_are_pushed_to_a_real_pushgateway(tiny, tmp_path):
