@@ -37,7 +37,7 @@ DIRECTORY = "checkpoints"
 LATEST = f"{DIRECTORY}/latest.json"
 KEEP = 2   # state files kept: the named one and the one before
 # What --restart removes: the checkpoints and everything a finished run leaves.
-RUN_FILES = ("results.json", "model.keras", "classes.json", "history.csv")
+RUN_FILES = ("results.json", "model.keras", "classes.json", "history.csv", "curves.png")
 
 
 @dataclass

@@ -60,7 +60,7 @@ LR_SCALINGS = ("linear", "sqrt", "none")        # the keys of trainer.optim.SCAL
 # serves metrics, how its output and data are spelt or where they moved (the checkpoint checks that
 # the dataset is the same one: its manifest's plan id).
 RESUMABLE = frozenset({"epochs", "early_stopping_patience", "metrics_port", "output", "storage_options", "data",
-                       "stall_timeout", "checkpoint_every"})
+                       "stall_timeout", "checkpoint_every", "log_every_steps"})
 
 
 @dataclass
@@ -89,6 +89,7 @@ class TrainConfig:
     metrics_port: int | None = None             # this port + the local rank, one per process
     stall_timeout: float = 300.0                # seconds without progress before a rank gives up; 0: never
     checkpoint_every: float = 0.0               # minutes between mid-epoch checkpoints; 0: at epoch ends only
+    log_every_steps: int = 50                   # TensorBoard's step loss and rate every this many steps; 0: never
     storage_options: dict[str, Any] = field(default_factory=dict)   # fsspec's, for data and output; no secrets
 
     def __post_init__(self) -> None:
@@ -105,6 +106,7 @@ class TrainConfig:
             (0 <= self.checkpoint_every < math.inf,
              f"checkpoint every {self.checkpoint_every} minutes must be a finite number >= 0"),
             (self.warmup_epochs >= 0, f"warmup epochs {self.warmup_epochs} must be >= 0"),
+            (self.log_every_steps >= 0, f"log every steps {self.log_every_steps} must be >= 0 (0: never)"),
             (self.lr_schedule in LR_SCHEDULES,
              f"lr schedule {self.lr_schedule!r} unknown; choose one of {LR_SCHEDULES}"),
             (all(isinstance(e, int) and e >= 1 for e in decay) and list(decay) == sorted(set(decay)),

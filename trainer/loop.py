@@ -105,6 +105,11 @@ class Trainer:
         self.last_checkpoint = time.monotonic()
         self.stop_requested = False
         self.on_boundary: Callable[[int, Partial], None] = lambda epoch, partial: None
+        # The step log (rank 0's TensorBoard): on_step(global step, optimizer iteration, loss) every
+        # log_every_steps global steps (epoch x steps_per_epoch + step); 0: never.
+        self.log_every_steps = 0
+        self.on_step: Callable[[int, int, float], None] = lambda at, iteration, loss: None
+        self.logged_step = -1
 
     def broadcast(self) -> None:
         """Every rank takes rank 0's weights and optimizer state; not the random state, which is per rank."""
@@ -152,6 +157,8 @@ class Trainer:
         sums, previous, waiting = tf.constant(done.sums, tf.float32), None, done.waiting
         started = time.perf_counter() - done.seconds
         pending = None   # the last step, recorded when the next one starts (its result is read a step late)
+        # The optimizer's iteration at step 0 of this epoch: the step log's learning rates. Read once an epoch.
+        first_iteration = int(self.optimizer.iterations) - done.step if self.log_every_steps else 0
         if self.metrics:
             self.metrics.start_epoch(steps, done.step)
         for step in range(done.step, steps):
@@ -166,8 +173,10 @@ class Trainer:
             sums, waiting = sums + result[:3], waiting + waited
             if previous is not None:   # checked a step late, so that the check never waits for a step
                 _check_finite(epoch, step - 1, previous)
+                self._log_step(epoch, step - 1, previous, first_iteration)
                 if self._agreed(previous) and step + 1 < steps:
                     _check_finite(epoch, step, result)
+                    self._log_step(epoch, step, result, first_iteration)   # a rerun resumes after it
                     self._check_weights(epoch, step)
                     shared = dist.average([sums])[0].numpy().tolist()   # exact: the epoch's metrics average these
                     boundary = time.perf_counter()
@@ -176,6 +185,7 @@ class Trainer:
             previous, pending = result, (asked, waited, result)
         self._record_step(pending, time.perf_counter())
         _check_finite(epoch, steps - 1, previous)
+        self._log_step(epoch, steps - 1, previous, first_iteration)
         self._agreed(previous)   # a stop asked at the last step: after this epoch's checkpoint
         seconds = time.perf_counter() - started
         self.progress(f"the end of epoch {epoch}: averaging statistics with the other ranks")
@@ -195,6 +205,14 @@ class Trainer:
                 phases |= dict(zip(("compute", "allreduce"), (float(seconds) for seconds in result[5:7])))
             self.metrics.record_step(self.config.batch_size, now - asked, phases)
             self.metrics.record_reads(self.data.source.stats)
+
+    def _log_step(self, epoch: int, step: int, result: tf.Tensor, first_iteration: int) -> None:
+        """The step's loss to on_step when the step log wants it. Called once its result is read (a step
+        late); a step before a mid-epoch checkpoint is logged there and not again."""
+        at = epoch * self.steps_per_epoch + step
+        if self.log_every_steps and at % self.log_every_steps == 0 and at > self.logged_step:
+            self.logged_step = at
+            self.on_step(at, first_iteration + step, float(result[0]))
 
     def _flags(self) -> tf.Tensor:
         """This rank's [stop, checkpoint]: SIGTERM arrived; rank 0's clock says a checkpoint is due."""

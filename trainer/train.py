@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--checkpoint-every", type=float, metavar="MINUTES",
         help="also checkpoint mid-epoch every this many minutes (rank 0's clock; between two steps all ranks "
              "agree on); a rerun resumes at that step with the same data (default 0: at the end of each epoch)")
+    add("--log-every-steps", type=int, metavar="N",
+        help="rank 0 logs the training loss and learning rate to <output>/tensorboard every N steps (default 50; "
+             "0: epochs only)")
     add("--storage-option", action="append", default=[], metavar="KEY=VALUE",
         help="fsspec storage option for --data and --output, repeatable (e.g. endpoint_url=http://127.0.0.1:9000); "
              "credentials come from the environment, never from flags")
@@ -91,6 +94,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "mixed_precision": args.mixed_precision, "metrics_port": args.metrics_port, "seed": args.seed,
         "deterministic": args.deterministic, "stall_timeout": args.stall_timeout,
         "checkpoint_every": args.checkpoint_every, "lr_scaling": args.lr_scaling, "warmup_epochs": args.warmup_epochs,
+        "log_every_steps": args.log_every_steps,
         "lr_schedule": args.lr_schedule, "lr_decay_epochs": args.lr_decay_epochs,
         "weight_decay": args.weight_decay, "label_smoothing": args.label_smoothing,
         "storage_options": parse_storage_options(args.storage_option) or None}.items() if value is not None}
@@ -125,7 +129,7 @@ def train(config: TrainConfig, workers, restart: bool = False, katib_metrics: bo
 
     from ingest.errors import Terminated
 
-    from . import checkpoint, dist, randomness, records, saved
+    from . import checkpoint, curves, dist, randomness, records, saved, tensorboard
     from .errors import PeerStopped
     from .loop import Trainer
     from .metrics import TrainerMetrics
@@ -148,8 +152,11 @@ def train(config: TrainConfig, workers, restart: bool = False, katib_metrics: bo
         log.info("%s is finished (%d epochs%s): nothing to do", config.output, len(progress.history),
                  ", stopped early" if progress.stopped_early else "")
         return json.loads(fs.cat_file(f"{root}/results.json"))
+    events = None
     if workers.is_chief:
         write_atomic(fs, f"{root}/config.json", dump_json(config.to_json()))
+        events = tensorboard.EventLog(fs, root, trainer, progress)
+        trainer.on_step, trainer.log_every_steps = events.step, config.log_every_steps
     if metrics:
         metrics.record_plan(workers.size, config.epochs, progress.next_epoch, progress.saved_at)
     if epochs:
@@ -162,6 +169,9 @@ def train(config: TrainConfig, workers, restart: bool = False, katib_metrics: bo
         seed_states = dist.gather(randomness.get_states(trainer.model))
         if workers.is_chief:   # history first: a kill before the checkpoint names the epoch redoes it
             write_atomic(fs, f"{root}/history.csv", records.history_csv(progress))
+            events.sync(progress)
+            if progress.partial is None:
+                curves.write(fs, root, progress)
             checkpoint.save(fs, root, trainer, progress, seed_states)
         trainer.last_checkpoint = time.monotonic()
         if metrics:
@@ -197,6 +207,7 @@ def train(config: TrainConfig, workers, restart: bool = False, katib_metrics: bo
         trainer.model.set_weights(progress.best_weights)
         saved.save(trainer.model, trainer.data.manifest["classes"], config.output, config.storage_options)
         write_atomic(fs, f"{root}/results.json", dump_json(results))
+        events.close()
     return results
 
 
