@@ -32,7 +32,7 @@ test: setup $(SCHEMA)/node_modules/.installed
 # shard it, verify it, train the seed's Model 1 on 2 Horovod workers (two local "pods" of the project's
 # launcher, as on Kubernetes, rendezvous on 127.0.0.1:$(RENDEZVOUS_PORT)) serving Prometheus metrics on
 # 127.0.0.1:$(METRICS_PORT) and +1 (deploy/prometheus/prometheus.yml scrapes them), print its row of the
-# study's table (trainer.report).
+# study's table (trainer.report), where its learning curves are and how to open it in TensorBoard.
 METRICS_PORT ?= 9400
 RENDEZVOUS_PORT ?= 29500
 demo: setup
@@ -45,6 +45,8 @@ demo: setup
 		$(BIN)/python -m trainer.train --data $(DEMO)/shards --output $(DEMO)/run --preset seed-model1-aug --epochs 6 --batch-size 32 --lr 0.002 --log-level WARNING \
 		--metrics-port $(METRICS_PORT)
 	$(BIN)/python -m trainer.report $(DEMO)/run
+	@echo "learning curves: $(DEMO)/run/curves.png"
+	@echo "TensorBoard:     $(BIN)/tensorboard --logdir $(DEMO)/run/tensorboard"
 
 bench: setup
 	$(BIN)/python -m bench.ingest

@@ -157,25 +157,30 @@ def test_stopped_killed_and_rerun_every_event_is_there_once(train_shards, tmp_pa
     assert final != curves_after_epoch_0
 
 
-def test_on_s3_the_files_are_uploaded_and_a_restart_replaces_them(train_shards, s3_bucket, tmp_path):
+def test_on_s3_the_files_are_uploaded_extended_filled_in_and_replaced_by_a_restart(train_shards, s3_bucket, tmp_path):
     import fsspec
 
-    url = f"s3://{s3_bucket}/run"
-    run_cli("trainer.train", *train_args(train_shards, url, "--epochs", "1", "--batch-size", "32",
-                                         "--log-every-steps", "10"), check=True)
-    fs = fsspec.filesystem("s3")
-    first = tmp_path / "first"
-    fs.get(f"{s3_bucket}/run", str(first), recursive=True)
-    assert_epochs_are_history(first)
-    assert [step for step, _ in scalars(first / "tensorboard" / "train")["batch_loss"]] == [0, 10, 20, 30]
-    assert_curves_drawn((first / "curves.png").read_bytes())
+    fs, url = fsspec.filesystem("s3"), f"s3://{s3_bucket}/run"
 
-    # Started over with the step log off: the first run's events are gone, the new run's epochs there once.
-    run_cli("trainer.train", *train_args(train_shards, url, "--epochs", "2", "--batch-size", "32",
-                                         "--log-every-steps", "0", "--restart"), check=True)
-    again = tmp_path / "again"
-    fs.get(f"{s3_bucket}/run", str(again), recursive=True)
-    assert_epochs_are_history(again)
+    def train(*flags: str) -> Path:
+        run_cli("trainer.train", *train_args(train_shards, url, "--batch-size", "32", *flags), check=True)
+        copy = tmp_path / f"copy{len(list(tmp_path.iterdir()))}"
+        fs.get(f"{s3_bucket}/run", str(copy), recursive=True)
+        assert_epochs_are_history(copy)
+        assert_curves_drawn((copy / "curves.png").read_bytes())
+        return copy
+
+    first = train("--epochs", "1", "--log-every-steps", "10")
+    assert [step for step, _ in scalars(first / "tensorboard" / "train")["batch_loss"]] == [0, 10, 20, 30]
+
+    # Extended by an epoch, its event files gone meanwhile (as a run from before they existed): the rerun
+    # writes epoch 0 from the checkpoint's history; the step log of epoch 0 is lost with its files.
+    fs.rm(f"{s3_bucket}/run/tensorboard", recursive=True)
+    extended = train("--epochs", "2", "--log-every-steps", "10")
+    assert [step for step, _ in scalars(extended / "tensorboard" / "train")["batch_loss"]] == [40, 50, 60]
+
+    # Started over with the step log off: the earlier events are gone, the new run's epochs there once.
+    again = train("--epochs", "1", "--log-every-steps", "0", "--restart")
     assert not set(STEP_TAGS) & set(scalars(again / "tensorboard" / "train"))
     assert [len(list((again / "tensorboard" / run).iterdir())) for run in EPOCH_TAGS] == [1, 1]
 
