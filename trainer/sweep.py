@@ -64,7 +64,7 @@ def _previous(fs, root: str, trials: list[Trial]) -> dict[str, Outcome]:
     for index, old in enumerate(stored):
         was = {key: old.get(key) for key in ("id", "parameters", "flags", "workers")}
         if index >= len(now):
-            raise SpecError(f"the spec gives {len(now)} trials; the sweep in {where} began with {len(stored)} "
+            raise SpecError(f"the spec makes {len(now)} of the {len(stored)} trials the sweep in {where} began with "
                             f"({STATE}): a spec may add trials, not remove them; use a new output for a new sweep")
         if was != now[index]:
             raise SpecError(f"trial {index} would change: it was {_described(was)}, the spec now gives "
