@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from ingest import synth
-from trainer.augment import PRESETS, AugmentConfig, eval_image, normalize, train_image
+from trainer.augment import PRESETS, AugmentConfig, eval_image, train_image
 from trainer.data import REORDER_WINDOW, Dataset, DecodeDrops, InputConfig, assign_shards
 from trainer.shards import ReadStats, StorageGone, parse_tar
 
@@ -125,13 +125,11 @@ def test_training_streams_never_run_dry(shards, size):
 def test_batches_have_the_right_shapes_types_and_ranges(shards):
     dataset = Dataset(config(shards))
     images, labels = next(iter(dataset.train()))
-    assert images.shape == (8, 32, 32, 3) and images.dtype == tf.float32
+    # uint8 RGB, as the saved model takes them: the model scales them itself (trainer.models.classifier).
+    assert images.shape == (8, 32, 32, 3) and images.dtype == tf.uint8
     assert labels.shape == (8,) and labels.dtype == tf.int32
     assert 0 <= int(tf.reduce_min(labels)) and int(tf.reduce_max(labels)) < dataset.num_classes
-    low = (0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
-    high = (1 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
-    assert np.all(images.numpy() >= low.min() - 1e-5) and np.all(images.numpy() <= high.max() + 1e-5)
-    assert float(tf.math.reduce_std(images)) > 0.1
+    assert float(tf.math.reduce_std(tf.cast(images, tf.float32))) > 10
 
 
 def _jpeg(size=32) -> tf.Tensor:
@@ -152,11 +150,11 @@ def test_augmentation_changes_images_and_eval_does_not(preset):
     assert np.array_equal(evaluated, eval_image(jpeg, 32, augment))
 
 
-def test_eval_of_a_right_sized_image_is_just_decode_and_normalise():
+def test_eval_of_a_right_sized_image_is_just_decode():
     jpeg = _jpeg(32)
-    expected = normalize(tf.io.decode_jpeg(jpeg, channels=3))
-    assert np.allclose(eval_image(jpeg, 32, PRESETS["tinyimagenet"]), expected)
-    assert np.allclose(train_image(jpeg, tf.constant([5, 6]), 32, PRESETS["none"]), expected)
+    expected = tf.io.decode_jpeg(jpeg, channels=3)
+    assert np.array_equal(eval_image(jpeg, 32, PRESETS["tinyimagenet"]), expected)
+    assert np.array_equal(train_image(jpeg, tf.constant([5, 6]), 32, PRESETS["none"]), expected)
 
 
 def test_deterministic_mode_repeats_the_same_order(shards):

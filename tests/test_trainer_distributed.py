@@ -156,9 +156,9 @@ def test_mixed_precision_trains_and_saves_a_float32_output(shards, tmp_path):
     assert json.loads((out / "results.json").read_text())["val_top1"] > 0.25
     evaluated = json.loads(run_cli("trainer.evaluate", "--model", out, "--data", shards, check=True).stdout)
     assert evaluated["samples"] == 100
-    # The saved model computes in bfloat16 and still answers in float32 (as the loss needed in training).
+    # The saved model's network computes in bfloat16 and still answers in float32 (as the loss needed in training).
     probe = (f"import keras, numpy; m = keras.models.load_model({str(out / 'model.keras')!r}, compile=False); "
-             "print(m.layers[0].compute_dtype, m(numpy.zeros((1, 64, 64, 3), 'float32')).dtype.name)")
+             "print(m.get_layer('model1').layers[0].compute_dtype, m(numpy.zeros((1, 64, 64, 3), 'uint8')).dtype.name)")
     dtypes = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert dtypes.stdout.split() == ["bfloat16", "float32"]
 

@@ -1,5 +1,6 @@
-"""Decode and augment JPEG bytes with TensorFlow ops; normalisation happens here and only here.
+"""Decode and augment JPEG bytes with TensorFlow ops, into uint8 RGB images of the model's size.
 
+The model scales them itself (trainer.models.classifier), so the saved model takes what this makes.
 Every random op is stateless and takes its seed from the element, so a seeded, deterministic
 pipeline gives the same images in the same order however many parallel calls run.
 """
@@ -10,28 +11,20 @@ import tensorflow as tf
 from .config import AUGMENT_PRESETS as PRESETS
 from .config import AugmentConfig, preset_for
 
-# ImageNet channel statistics, the convention of Keras applications and torchvision.
-MEAN_RGB = (0.485, 0.456, 0.406)
-STDDEV_RGB = (0.229, 0.224, 0.225)
 # The augmentation settings live with the rest of the configuration (importable without TensorFlow).
-__all__ = ["AugmentConfig", "PRESETS", "preset_for", "normalize", "eval_image", "train_image"]
-
-
-def normalize(image: tf.Tensor) -> tf.Tensor:
-    """uint8 RGB -> float32, per-channel standardised. The one place images are normalised."""
-    image = tf.cast(image, tf.float32) / 255.0
-    return (image - tf.constant(MEAN_RGB)) / tf.constant(STDDEV_RGB)
+__all__ = ["AugmentConfig", "PRESETS", "preset_for", "eval_image", "train_image"]
 
 
 def eval_image(jpeg: tf.Tensor, size: int, config: AugmentConfig) -> tf.Tensor:
+    """The image as evaluation sees it: the central crop (eval_crop), resized; uint8."""
     image = tf.io.decode_jpeg(jpeg, channels=3)
     if config.eval_crop < 1.0:
         image = tf.image.central_crop(image, config.eval_crop)
-    return normalize(_resize(image, size))
+    return _resize(image, size)
 
 
 def train_image(jpeg: tf.Tensor, seed: tf.Tensor, size: int, config: AugmentConfig) -> tf.Tensor:
-    """One augmented training image; `seed` is a shape [2] int tensor unique to the element."""
+    """One augmented training image (uint8); `seed` is a shape [2] int tensor unique to the element."""
     if not config.enabled:
         return eval_image(jpeg, size, config)
     crop_seed, flip_seed, jitter_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
@@ -40,7 +33,7 @@ def train_image(jpeg: tf.Tensor, seed: tf.Tensor, size: int, config: AugmentConf
         image = tf.image.stateless_random_flip_left_right(image, flip_seed)
     if config.color_jitter:
         image = _jitter(image, jitter_seed, config.color_jitter)
-    return normalize(image)
+    return image
 
 
 def _resize(image: tf.Tensor, size: int) -> tf.Tensor:

@@ -37,7 +37,7 @@ DIRECTORY = "checkpoints"
 LATEST = f"{DIRECTORY}/latest.json"
 KEEP = 2   # state files kept: the named one and the one before
 # What --restart removes: the checkpoints and everything a finished run leaves.
-RUN_FILES = ("results.json", "model.keras", "classes.json", "history.csv", "curves.png")
+RUN_FILES = ("results.json", "model.keras", "saved_model", "classes.json", "history.csv", "curves.png")
 
 
 @dataclass
@@ -133,8 +133,8 @@ def _clear(fs, root: str) -> None:
     if fs.isdir(f"{root}/{DIRECTORY}"):
         fs.rm(f"{root}/{DIRECTORY}", recursive=True)
     for name in RUN_FILES:
-        if fs.isfile(f"{root}/{name}"):
-            fs.rm_file(f"{root}/{name}")
+        if fs.exists(f"{root}/{name}"):
+            fs.rm(f"{root}/{name}", recursive=True)   # saved_model is a folder
     log.info("--restart: removed the previous run's checkpoints and results from %s", root)
 
 

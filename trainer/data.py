@@ -225,7 +225,7 @@ class Dataset:
 
     def train(self, rank: int = 0, size: int = 1, start_epoch: int = 0, end_epoch: int | None = None,
               start_step: int = 0) -> tf.data.Dataset:
-        """(images [batch, s, s, 3] float32, labels [batch] int32) for this rank, epochs `start_epoch`
+        """(images [batch, s, s, 3] uint8, labels [batch] int32) for this rank, epochs `start_epoch`
         up to `end_epoch` (default: one epoch), each exactly `steps_in_epoch` batches of one pass over
         this rank's share. Epoch e's order and augmentation depend only on (seed, rank, e), so a run
         resumed at epoch e reads what the uninterrupted run read; `start_step` batches of the first epoch

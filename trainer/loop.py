@@ -229,7 +229,8 @@ class Trainer:
     def _check_weights(self, epoch: int, step: int) -> None:
         # A step's update comes after its (finite) loss: weights it made infinite would otherwise
         # be evaluated, checkpointed and saved as the best model.
-        if not all(bool(tf.reduce_all(tf.math.is_finite(w))) for w in self.model.weights):
+        # Float weights only: some models keep counters (EfficientNet's Normalization layer: an int64 count).
+        if not all(bool(tf.reduce_all(tf.math.is_finite(w))) for w in self.model.weights if "float" in str(w.dtype)):
             raise Diverged(epoch, step, "the weights became NaN or infinite")
 
     def next_batch(self) -> tuple[tf.Tensor, tf.Tensor]:

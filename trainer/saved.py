@@ -1,8 +1,13 @@
 """A trained model as saved by `trainer.train`, loadable from any fsspec URL:
 
-- `<run>/model.keras`: the best epoch's weights;
+- `<run>/model.keras`: the best epoch's weights, a self-contained model: uint8 RGB images of the
+  run's size in, class probabilities out (the scaling inside it as built-in Keras layers), so
+  `keras.models.load_model(path)(images)` needs no project code;
+- `<run>/saved_model/`: the same model as a TensorFlow SavedModel for TF Serving: its
+  `serving_default` signature takes `images` (uint8 [batch, size, size, 3]) and returns
+  `probabilities` (float32 [batch, classes]);
 - `<run>/classes.json`: index, wnid and name of every class (the dataset manifest's classes);
-- `<run>/config.json`: the run's settings, which fix how its images are preprocessed (image size,
+- `<run>/config.json`: the run's settings, which fix how its images are prepared (image size,
   the augmentation's eval transform): evaluation and prediction use them, never a default.
 
 What a user can get wrong (a URL that is not a finished run, files missing or damaged) is an
@@ -25,18 +30,48 @@ if TYPE_CHECKING:
     from .config import TrainConfig
 
 MODEL = "model.keras"
+SAVED_MODEL = "saved_model"
 CLASSES = "classes.json"
 CONFIG = "config.json"
+INPUT, OUTPUT = "images", "probabilities"   # the SavedModel's signature's names
 
 
 def save(model: keras.Model, classes: list[dict], output: str, storage_options: dict[str, Any] | None = None) -> None:
+    """model.keras, saved_model/ and classes.json, each written locally first (Keras and TensorFlow write
+    only to local files), then uploaded through fsspec to any URL."""
     fs, root = Location(output, storage_options or {}).open()
     with tempfile.TemporaryDirectory() as directory:
         local = os.path.join(directory, MODEL)
         model.save(local)
         with open(local, "rb") as handle:
             write_atomic(fs, f"{root}/{MODEL}", handle.read())
+        export(model, os.path.join(directory, SAVED_MODEL))
+        upload_tree(fs, os.path.join(directory, SAVED_MODEL), f"{root}/{SAVED_MODEL}")
     write_atomic(fs, f"{root}/{CLASSES}", dump_json(classes))
+
+
+def export(model: keras.Model, path: str) -> None:
+    """The SavedModel for TF Serving: `serving_default` maps {images: uint8} to {probabilities: float32}."""
+    import keras
+    import tensorflow as tf
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serve", lambda images: {OUTPUT: model(images, training=False)},
+                         input_signature=[tf.TensorSpec((None, *model.input_shape[1:]), tf.uint8, name=INPUT)])
+    archive.write_out(path, verbose=False)   # its first endpoint is also `serving_default`
+
+
+def upload_tree(fs: fsspec.AbstractFileSystem, local: str, remote: str) -> None:
+    """A local directory's files to `remote`, replacing what was there (a previous attempt's export)."""
+    with storage_call(fs, remote, "write"):
+        if fs.exists(remote):
+            fs.rm(remote, recursive=True)
+    for folder, _, files in os.walk(local):
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as handle:
+                write_atomic(fs, f"{remote}/{os.path.relpath(path, local)}", handle.read())
 
 
 @dataclass
@@ -53,8 +88,13 @@ class Run:
         return display(self.fs, f"{self.root}/{name}")
 
     def load_model(self) -> keras.Model:
+        """The run's model: uint8 images of the run's size in, probabilities out."""
         import keras
 
+        from .models.classifier import classifier
+        from .models.custom import import_module_of
+
+        import_module_of(self.config.model.name)   # the custom layers of a user's model, if it has any
         path = f"{self.root}/{MODEL}"
         with tempfile.TemporaryDirectory() as directory:
             local = os.path.join(directory, MODEL)
@@ -73,6 +113,8 @@ class Run:
             raise InputError(f"{self.where(MODEL)}: takes {model.input_shape[1:3]} px images into "
                              f"{model.output_shape[-1]} classes, but {CONFIG} says {size} px and {CLASSES} lists "
                              f"{classes} classes: not the model of this run")
+        if model.inputs[0].dtype != "uint8":   # saved before models took images: it takes them scaled
+            model = classifier(model, size)
         return model
 
 

@@ -31,7 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--data", required=True, help="dataset URL: the --output of ingest.shard (path, s3://, gs://, ...)")
     add("--output", required=True, help="where config.json, model.keras and results.json go (path or URL)")
     add("--preset", choices=sorted(PRESETS), help="start from a named configuration; flags override it")
-    add("--model", choices=sorted(MODELS), help="model architecture (default: the preset's, else model2)")
+    add("--model", metavar="NAME",
+        help=f"{', '.join(MODELS)}, keras.applications.NAME (e.g. keras.applications.EfficientNetB0, randomly "
+             f"initialised) or package.module:function, your own (num_classes, image_size, **options) -> keras.Model "
+             f"(default: the preset's, else model2)")
     add("--dropout", help="comma-separated dropout rates in layer order (model1: 1, model2: 3)")
     add("--epochs", type=int, help="epochs to train (default 30, or the preset's)")
     add("--batch-size", type=int, help="images per step per worker (default 128)")
