@@ -344,6 +344,19 @@ def test_a_failed_trial_is_reported_and_a_poor_one_stopped_by_the_median_rule(tr
     assert "002-lr100000: starting" in again.stderr and "000-lr0.001: finished before, skipped" in again.stderr
 
 
+def test_a_trial_failing_before_its_first_file_is_still_reported(train_shards, tmp_path):
+    output = tmp_path / "study"
+    spec = write_spec(tmp_path / "sweep.yaml", data=str(train_shards), output=str(output),
+                      train={**TRAIN, "batch-size": 100000}, parameters={"lr": [0.001]})
+    result = run_sweep(spec)
+    assert result.returncode == 1, result.stderr[-3000:]
+    text = (output / "report.md").read_text()
+    assert "No trial has started training." in text and (output / "report.png").stat().st_size > 0
+    (trial,) = tables(text)[0]
+    assert (trial["Status"], trial["Exit code"]) == ("failed", "3")
+    assert trial["Detail"] == "error: train split has 1000 samples, fewer than one global batch (100000 x 1 ranks)"
+
+
 def test_a_sweep_on_s3(train_shards, s3_bucket, tmp_path):
     import s3fs
 

@@ -58,8 +58,11 @@ def _previous(fs, root: str, trials: list[Trial]) -> dict[str, Outcome]:
         raise SpecError(f"output {where} is a trainer run (it holds {report.CONFIG}), not a sweep's output")
     try:
         stored = read_json(fs, f"{root}/{STATE}", invalid=InputError)["trials"]
+        previous = {old["id"]: Outcome(**old["outcome"]) for old in stored if old.get("outcome")}
     except FileNotFoundError:
         return {}
+    except (KeyError, TypeError) as exc:
+        raise InputError(f"{where}/{STATE}: not trainer.sweep's ({type(exc).__name__}: {exc})") from None
     now = [trial.identity() for trial in trials]
     for index, old in enumerate(stored):
         was = {key: old.get(key) for key in ("id", "parameters", "flags", "workers")}
@@ -69,7 +72,7 @@ def _previous(fs, root: str, trials: list[Trial]) -> dict[str, Outcome]:
         if was != now[index]:
             raise SpecError(f"trial {index} would change: it was {_described(was)}, the spec now gives "
                             f"{_described(now[index])} ({where}/{STATE}); use a new output for a new sweep")
-    return {old["id"]: Outcome(**old["outcome"]) for old in stored if old.get("outcome")}
+    return previous
 
 
 def _described(trial: dict) -> str:
@@ -128,16 +131,14 @@ class _Tail(threading.Thread):
         return (errors or lines or [""])[-1]
 
 
-def _run_trial(spec: Spec, trial: Trial, storage_pairs: list[str], peers: list[list[float]], fs,
-               path: str) -> Outcome:
+def _run_trial(argv: list[str], rule: MedianStop | None, peers: list[list[float]], fs, path: str) -> Outcome:
     """Run one trial to its end (or until the median rule stops it); SIGTERM or Ctrl-C to the sweep stops
     it at a checkpoint first."""
-    process = subprocess.Popen(command(spec, trial, storage_pairs), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT)
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     tail = _Tail(process.stdout)
     tail.start()
     try:
-        stopped = _watch(process, spec.median_stop, peers, fs, path)
+        stopped = _watch(process, rule, peers, fs, path)
     except BaseException:
         _stop(process)
         raise
@@ -224,16 +225,16 @@ def run(spec: Spec, trials: list[Trial], storage_pairs: list[str], options: dict
             log.info("%s: finished before, skipped", name)
             outcomes[trial.id] = Outcome(FINISHED, 0)
             continue
-        if outcomes.get(trial.id, Outcome("")).status == STOPPED:
+        if _status(outcomes, trial) == STOPPED:
             log.info("%s: stopped before by the median rule, skipped", name)
             continue
         peers = [val_top5(fs, f"{root}/{other.id}") for other in trials
-                 if spec.median_stop and other.id != trial.id and outcomes.get(other.id, Outcome("")).status == FINISHED]
-        resuming = fs.exists(f"{path}/{report.LATEST}")
-        log.info("%s: %s: %s", name, "resuming" if resuming else "starting",
-                 shlex.join(command(spec, trial, storage_pairs)))
+                 if spec.median_stop and other is not trial and _status(outcomes, other) == FINISHED]
+        argv = command(spec, trial, storage_pairs)
+        log.info("%s: %s: %s", name, "resuming" if fs.exists(f"{path}/{report.LATEST}") else "starting",
+                 shlex.join(argv))
         started = time.monotonic()
-        outcomes[trial.id] = outcome = _run_trial(spec, trial, storage_pairs, peers, fs, path)
+        outcomes[trial.id] = outcome = _run_trial(argv, spec.median_stop, peers, fs, path)
         _save_state(fs, root, spec, trials, outcomes)
         log_outcome = log.info if outcome.status != FAILED else log.warning
         log_outcome("%s: %s after %.0f s%s", name, outcome.status, time.monotonic() - started,
@@ -241,15 +242,18 @@ def run(spec: Spec, trials: list[Trial], storage_pairs: list[str], options: dict
     return outcomes
 
 
+def _status(outcomes: dict[str, Outcome], trial: Trial) -> str:
+    return outcomes[trial.id].status if trial.id in outcomes else ""
+
+
 def write_report(spec: Spec, trials: list[Trial], outcomes: dict[str, Outcome], options: dict[str, Any]) -> str:
     """<output>/report.md and report.png, as trainer.report makes them, with each trial's outcome; the text."""
-    try:
-        runs = report.load([spec.output], options)
-    except InputError:   # no trial got as far as writing its config.json
-        runs = []
+    fs, root = Location(spec.output, options).open()
+    # trainer.report refuses a prefix without runs: trials that failed before writing their config.json leave none
+    started = any(fs.isfile(f"{root}/{trial.id}/{report.CONFIG}") for trial in trials)
+    runs = report.load([spec.output], options) if started else []
     table = report.render(report.rows(runs)) if runs else "No trial has started training."
     text = f"# Sweep {spec.output}\n\n{table}\n\n## Trials\n\n{_trials_table(trials, outcomes)}\n"
-    fs, root = Location(spec.output, options).open()
     write_atomic(fs, f"{root}/{REPORT_MD}", text.encode())
     report.write_plot(runs, f"{spec.output.rstrip('/')}/{REPORT_PNG}", options)
     return text

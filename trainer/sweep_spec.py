@@ -131,7 +131,7 @@ def _mapping(key: str, value: Any) -> dict:
 
 
 def _median_stop(key: str, value: Any) -> MedianStop | None:
-    if value is False or value is None:
+    if value is False:
         return None
     if value is True:
         return MedianStop()
