@@ -37,6 +37,22 @@ def raises(num_classes, image_size):
 def not_a_model(num_classes, image_size):
     return [num_classes, image_size]
 '''
+# A model with a layer of its own: its module must be imported (registering the layer) to load it.
+FANCY_MODULE = '''
+import keras
+from keras import layers
+
+
+@keras.saving.register_keras_serializable(package="fancy")
+class Halve(layers.Layer):
+    def call(self, inputs):
+        return inputs * 0.5
+
+
+def net(num_classes, image_size):
+    return keras.Sequential([keras.Input((image_size, image_size, 3)), Halve(), layers.Conv2D(8, 3, activation="relu"),
+                             layers.GlobalAveragePooling2D(), layers.Dense(num_classes, activation="softmax")])
+'''
 TRAIN = ["--epochs", "1", "--batch-size", "32"]
 
 
@@ -46,6 +62,7 @@ def user_path(tmp_path_factory):
     folder = tmp_path_factory.mktemp("user")
     (folder / "mymodels.py").write_text(USER_MODULE)
     (folder / "broken.py").write_text("import no_such_dependency_here\n")
+    (folder / "fancy.py").write_text(FANCY_MODULE)
     return folder
 
 
@@ -207,3 +224,34 @@ def test_the_saved_model_is_uploaded_to_object_storage(s3_bucket, tmp_path):
     images = np.random.default_rng(0).integers(0, 256, size=(4, 64, 64, 3), dtype=np.uint8)
     served = tf.saved_model.load(str(tmp_path / "saved_model")).signatures["serving_default"](images=images)
     assert np.allclose(served["probabilities"], model(images), atol=1e-6)
+
+
+def test_a_model_with_layers_of_its_own_loads_where_its_module_is_importable(user_path, train_shards, tmp_path):
+    out = tmp_path / "fancy"
+    assert train(train_shards, out, "fancy:net", env={"PYTHONPATH": str(user_path)}).returncode == 0
+    results = json.loads((out / "results.json").read_text())
+    evaluated = run_cli("trainer.evaluate", "--model", out, "--data", train_shards, env={"PYTHONPATH": str(user_path)})
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads(evaluated.stdout)["top1"] == pytest.approx(results["val_top1"], abs=1e-6)
+    elsewhere = run_cli("trainer.evaluate", "--model", out, "--data", train_shards)
+    assert elsewhere.returncode == 3 and "Traceback" not in elsewhere.stderr
+    assert "it was trained with --model fancy:net: if that has layers of its own, module fancy must be importable" \
+        in elsewhere.stderr
+
+
+def test_a_model_saved_before_models_took_uint8_images_still_answers_as_it_did(user_run, tmp_path):
+    """model.keras of a run finished before took images the pipeline had scaled: loading it adds the scaling."""
+    import shutil
+
+    import keras
+
+    from trainer import saved
+
+    run = tmp_path / "old"
+    shutil.copytree(user_run, run)
+    model = keras.models.load_model(user_run / "model.keras")
+    model.get_layer("tiny").save(run / "model.keras")   # the network alone: float32 scaled images in
+    loaded = saved.open_run(str(run)).load_model()
+    images = np.random.default_rng(1).integers(0, 256, size=(4, 64, 64, 3), dtype=np.uint8)
+    assert loaded.input.dtype == "uint8"
+    assert np.allclose(loaded(images), model(images), atol=1e-6)

@@ -94,7 +94,7 @@ class Run:
         from .models.classifier import classifier
         from .models.custom import import_module_of
 
-        import_module_of(self.config.model.name)   # the custom layers of a user's model, if it has any
+        missing = import_module_of(self.config.model.name)   # the custom layers of a user's model, if any
         path = f"{self.root}/{MODEL}"
         with tempfile.TemporaryDirectory() as directory:
             local = os.path.join(directory, MODEL)
@@ -106,8 +106,10 @@ class Run:
             try:
                 model = keras.models.load_model(local, compile=False)
             except Exception as exc:   # Keras raises many kinds for a file that is not a model
+                hint = (f"; it was trained with --model {self.config.model.name}: if that has layers of its own, "
+                        f"module {missing} must be importable (PYTHONPATH)") if missing else ""
                 raise InputError(f"{self.where(MODEL)}: not a loadable Keras model ({type(exc).__name__}: "
-                                 f"{_one_line(exc)})") from None
+                                 f"{_one_line(exc)}){hint}") from None
         size, classes = self.config.image_size, len(self.classes)
         if tuple(model.input_shape[1:3]) != (size, size) or model.output_shape[-1] != classes:
             raise InputError(f"{self.where(MODEL)}: takes {model.input_shape[1:3]} px images into "

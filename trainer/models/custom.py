@@ -8,7 +8,6 @@ import difflib
 import importlib
 import inspect
 import re
-import sys
 from collections.abc import Callable
 
 from ..errors import UsageError
@@ -64,14 +63,18 @@ def _is_application(value) -> bool:
     return inspect.isfunction(value) and "classes" in inspect.signature(value).parameters
 
 
-def import_module_of(name: str) -> None:
+def import_module_of(name: str) -> str | None:
     """Import a function model's module if it can be, so that custom layers it registers with Keras
-    are known when its saved model is loaded; a model of built-in layers loads without it."""
-    if FUNCTION.fullmatch(name) and name.partition(":")[0] not in sys.modules:
-        try:
-            importlib.import_module(name.partition(":")[0])
-        except Exception:   # not here: loading says what is missing, if anything is
-            pass
+    are known when its saved model is loaded (one of built-in layers loads without it). Returns the
+    module's name when it cannot be imported here."""
+    module = name.partition(":")[0]
+    if not FUNCTION.fullmatch(name):
+        return None
+    try:
+        importlib.import_module(module)
+    except Exception:   # not on this machine's path: fine unless the model needs its layers
+        return module
+    return None
 
 
 def reason(exc: BaseException) -> str:
