@@ -8,10 +8,12 @@ curves. matplotlib's object API with the Agg renderer, as trainer.report_plot: n
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 from ingest.storage import write_atomic
 
-from .checkpoint import Progress
+if TYPE_CHECKING:
+    from .checkpoint import Progress
 
 NAME = "curves.png"
 SIZE_INCHES, DPI = (13, 4.5), 100
