@@ -184,9 +184,10 @@ def test_the_saved_model_needs_no_project_code_and_answers_as_predict_does(name,
 
 @pytest.mark.parametrize(("model", "expected"), [
     ("no_such_package.models:build", "--model no_such_package.models:build: cannot import module "
-                                     "no_such_package.models (ModuleNotFoundError: No module named 'no_such_package')"),
+                                     "no_such_package.models (ModuleNotFoundError: No module named 'no_such_package'); "
+                                     "is its folder on PYTHONPATH?"),
     ("broken:build", "--model broken:build: cannot import module broken (ModuleNotFoundError: No module named "
-                     "'no_such_dependency_here')"),
+                     "'no_such_dependency_here')\n"),
     ("mymodels:missing", "--model mymodels:missing: module mymodels ("),
     ("mymodels:raises", "--model mymodels:raises: called with num_classes=10, image_size=64, it raised "
                         "RuntimeError: no GPU, no model"),
@@ -199,7 +200,7 @@ def test_a_model_that_cannot_be_built_is_one_line_and_exit_2(model, expected, us
     result = train(train_shards, tmp_path / "out", model, env={"PYTHONPATH": str(user_path)})
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and expected in errors[0], result.stderr[-3000:]
+    assert len(errors) == 1 and expected in errors[0] + "\n", result.stderr[-3000:]
     assert not (tmp_path / "out" / "config.json").exists()
 
 

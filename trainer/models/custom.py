@@ -29,8 +29,10 @@ def _function(name: str) -> Callable:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:   # not found, or its own code failed: a syntax error, a missing dependency
-        raise UsageError(f"--model {name}: cannot import module {module_name} ({reason(exc)}); is its folder on "
-                         f"PYTHONPATH?") from None
+        # The hint only when the module itself (or its package) is what is missing, not one it imports.
+        missing = isinstance(exc, ModuleNotFoundError) and f"{module_name}.".startswith(f"{exc.name}.")
+        raise UsageError(f"--model {name}: cannot import module {module_name} ({reason(exc)})"
+                         f"{'; is its folder on PYTHONPATH?' if missing else ''}") from None
     function = getattr(module, function_name, None)
     if function is None:
         raise UsageError(f"--model {name}: module {module_name} ({module.__file__}) has no function {function_name}")
