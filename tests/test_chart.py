@@ -132,7 +132,25 @@ def test_schema_offers_exactly_the_trainers_presets_and_models():
 
     train = json.loads((CHART / "values.schema.json").read_text())["properties"]["train"]["properties"]
     assert set(train["preset"]["enum"]) == {"", *PRESETS}
-    assert set(train["model"]["enum"]) == {"", *MODELS}
+    names, specs = train["model"]["anyOf"]
+    assert set(names["enum"]) == {"", *MODELS}
+    # Beyond the registry, the specs trainer.train takes (ModelConfig), and only those.
+    from trainer.models import ModelConfig
+
+    for spec in ("keras.applications.EfficientNetB0", "mymodels:tiny", "my_pkg.sub.models:build_v2", "vgg",
+                 "keras.applications.", "mymodels:", "my models:x", "a.b:c.d", ":f", "--model=x"):
+        try:
+            ModelConfig(spec)
+            accepted = True
+        except ValueError:
+            accepted = False
+        assert (re.fullmatch(specs["pattern"].strip("^$"), spec) is not None) == accepted, spec
+    with helm.Chart.load(CHART) as chart:   # helm's own schema check agrees
+        good = scenario("default")
+        for spec in ("resnet18", "keras.applications.EfficientNetB0", "mymodels:tiny"):
+            chart.validate_schema({**good, "train": {**good.get("train", {}), "model": spec}})
+        with pytest.raises(helm.HelmValuesError):
+            chart.validate_schema({**good, "train": {**good.get("train", {}), "model": "vgg"}})
 
 
 def test_every_value_has_a_comment():

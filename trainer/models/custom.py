@@ -13,7 +13,7 @@ from collections.abc import Callable
 from ..errors import UsageError
 
 APPLICATIONS = "keras.applications."
-_IDENTIFIER = r"[A-Za-z_]\w*"
+_IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"   # ASCII, as the chart's values schema says
 FUNCTION = re.compile(rf"{_IDENTIFIER}(\.{_IDENTIFIER})*:{_IDENTIFIER}")
 APPLICATION = re.compile(rf"{re.escape(APPLICATIONS)}{_IDENTIFIER}")
 _ESCAPES = re.compile(r"\x1b\[[0-9;]*m")
