@@ -135,7 +135,7 @@ def test_a_pod_that_no_attempt_admits_gives_up_with_one_line():
     request(port, "GET", "/join/1/replacement")   # the attempt has ended
     try:
         result = subprocess.run([sys.executable, "-m", "trainer.launch", "--pods=2", "--pod-index=1",
-                                 "--rendezvous-addr=127.0.0.1", f"--port={port}", "--rendezvous-timeout=3", "--",
+                                 "--host-template=pod-{index}", "--rendezvous-addr=127.0.0.1", f"--port={port}", "--rendezvous-timeout=3", "--",
                                  sys.executable, "-c", "raise SystemExit('a rank started')"],
                                 cwd=REPO, capture_output=True, text=True, timeout=60)
     finally:
