@@ -21,7 +21,7 @@ config = from_preset("seed-model1", data, "unused", model=ModelConfig("model1", 
 trainer = Trainer(config, workers)
 trainer.broadcast()
 rng = np.random.default_rng(0)
-images = rng.normal(size=(3, 16, 64, 64, 3)).astype(np.float32)
+images = rng.integers(0, 256, size=(3, 16, 64, 64, 3)).astype(np.uint8)   # what the pipeline feeds the model
 labels = rng.integers(0, 10, size=(3, 16)).astype(np.int32)
 mine = slice(workers.rank * batch, (workers.rank + 1) * batch)
 for step in range(3):
