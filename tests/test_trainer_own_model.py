@@ -36,6 +36,12 @@ def raises(num_classes, image_size):
 
 def not_a_model(num_classes, image_size):
     return [num_classes, image_size]
+
+
+def logits(num_classes, image_size):
+    """No softmax at the end: scores, not probabilities."""
+    return keras.Sequential([keras.Input((image_size, image_size, 3)), layers.GlobalAveragePooling2D(),
+                             layers.Dense(num_classes)])
 '''
 # A model with a layer of its own: its module must be imported (registering the layer) to load it.
 FANCY_MODULE = '''
@@ -192,6 +198,7 @@ def test_the_saved_model_needs_no_project_code_and_answers_as_predict_does(name,
     ("mymodels:raises", "--model mymodels:raises: called with num_classes=10, image_size=64, it raised "
                         "RuntimeError: no GPU, no model"),
     ("mymodels:not_a_model", "--model mymodels:not_a_model: returned a list, not a keras.Model"),
+    ("mymodels:logits", "--model mymodels:logits: its outputs are not probabilities (each row in 0..1, summing to 1"),
     ("keras.applications.EfficientNetB9", "--model keras.applications.EfficientNetB9: not a Keras Applications model "
                                           "(did you mean EfficientNetB"),
     ("vgg", "model 'vgg' unknown; choose one of model1, model2, resnet18, resnet50, keras.applications.NAME"),

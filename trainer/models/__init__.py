@@ -69,7 +69,21 @@ def build_model(config: ModelConfig, num_classes: int, image_size: int):
     if tuple(model.output_shape) != (None, num_classes):
         raise UsageError(f"--model {config.name}: its model answers shape {tuple(model.output_shape)}, not "
                          f"(None, {num_classes}): one probability per class of the dataset")
+    _check_probabilities(model, config.name, image_size)
     return model
+
+
+def _check_probabilities(model, name: str, image_size: int) -> None:
+    """The loss and the saved model take the outputs as probabilities: logits (no softmax at the end)
+    would train on a wrong loss without a word. Two images of noise, in inference mode (no random state used)."""
+    import numpy as np
+
+    images = np.random.default_rng(0).integers(0, 256, (2, image_size, image_size, 3), dtype=np.uint8)
+    outputs = np.asarray(model(images, training=False), dtype=np.float64)
+    if not (np.all(np.isfinite(outputs)) and outputs.min() >= 0 and outputs.max() <= 1
+            and np.allclose(outputs.sum(axis=1), 1, atol=1e-2)):
+        raise UsageError(f"--model {name}: its outputs are not probabilities (each row in 0..1, summing to 1; got "
+                         f"sums {np.round(outputs.sum(axis=1), 3).tolist()}): end it with a softmax")
 
 
 def build_network(config: ModelConfig, num_classes: int, image_size: int):
