@@ -332,6 +332,8 @@ def test_the_schema_offers_katibs_algorithms_and_refuses_flags_the_chart_sets():
     {"parameters": [{"name": "lr", "parameterType": "double", "feasibleSpace": {"min": 0.1, "max": 1, "log": True}}]},
     {"parameters": [{"name": "lr", "parameterType": "double",
                      "feasibleSpace": {"min": 0.1, "max": 1, "distribution": "log"}}]},
+    {"parameters": [{"name": "lr", "parameterType": "double",     # Katib's suggestions take no normal
+                     "feasibleSpace": {"min": 0.1, "max": 1, "distribution": "normal"}}]},
     {"parameters": [{"name": "optimizer", "parameterType": "categorical", "feasibleSpace": {"list": []}}]},
     {"parameters": [{"name": "optimizer", "parameterType": "categorical",
                      "feasibleSpace": {"list": ["adam"], "min": "1"}}]},
