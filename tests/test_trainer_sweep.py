@@ -370,3 +370,52 @@ def test_a_sweep_on_s3(train_shards, s3_bucket, tmp_path):
     (row,) = tables(fs.cat_file(f"{output}/report.md").decode())[0]
     assert (row["RunID"], row["ValTop5Acc"], row["Dropout"]) == ("000-dropout0.3", f"{results['val_top5']:.4f}", "0.3")
     assert fs.cat_file(f"{output}/report.png")[:8] == b"\x89PNG\r\n\x1a\n" and fs.isfile(f"{output}/sweep.json")
+
+
+# --- spec checks against repeats, no- forms and an existing sweep.json (no training) ------------------
+
+@pytest.mark.parametrize("spec, message", [
+    (changed(parameters={"dropout": [0.5, 0.5, 0.75]}), "parameters.dropout: 0.5 is given twice"),
+    (changed(parameters={"dropout": [[0.5], "0.5"]}), "parameters.dropout: '0.5' is given twice"),
+    (changed(parameters={"augment": [True, True]}), "parameters.augment: True is given twice"),
+    (changed(train={"no-augment": False}, parameters={"lr": [0.1]}),
+     "train.no-augment: give the flag as augment: false (--no-augment) or true (--augment), not as no-augment"),
+    (changed(train={"no-augment": True}), "train.no-augment: give the flag as augment: false"),
+    (changed(parameters={"no-mixed-precision": [True, False]}), "parameters.no-mixed-precision: give the flag as"),
+], ids=["repeated", "repeated-as-list", "repeated-bool", "no-false", "no-and-flag", "no-in-parameters"])
+def test_a_repeated_value_or_a_no_form_is_one_line(tmp_path, capsys, spec, message):
+    path = write_spec(tmp_path / "sweep.yaml", **spec)
+    assert sweep.main(["--spec", str(path), "--dry-run"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and err.startswith(f"error: {path}: {message}"), err
+
+
+def test_dry_run_checks_the_outputs_sweep_json_and_key_order_does_not_matter(tmp_path, capsys):
+    output = tmp_path / "study"
+    output.mkdir()
+    spec = {"data": "/data", "output": str(output), "train": {"model": "model1", "epochs": 2, "augment": False},
+            "parameters": {"dropout": ["0.5,0.5,0.5", "0.5,0.5,0.75"]}}
+    first, trials = sweep_spec.load(str(write_spec(tmp_path / "first.yaml", **spec)))
+    fs, root = sweep.Location(str(output), {}).open()
+    sweep._save_state(fs, root, first, trials, {})
+    state = (output / "sweep.json").read_text()
+
+    # The same flags and values, train's keys in another order: the same trials, for a dry run and a real one.
+    reordered = write_spec(tmp_path / "reordered.yaml",
+                           **{**spec, "train": {"augment": False, "epochs": 2, "model": "model1"}})
+    assert sweep.main(["--spec", str(reordered), "--dry-run"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert sweep._previous(fs, root, sweep_spec.load(str(reordered))[1]) == {}
+
+    # A real change is refused by the dry run as by the real run, and sweep.json is left as it was.
+    for name, train in {"value": {"model": "model1", "epochs": 3, "augment": False},
+                        "flag": {"model": "model1", "epochs": 2}}.items():
+        path = write_spec(tmp_path / f"{name}.yaml", **{**spec, "train": train})
+        assert sweep.main(["--spec", str(path), "--dry-run"]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and len(err.splitlines()) == 1, err
+        assert err.startswith("error: trial 0 would change: it was 000-dropout0.5-0.5-0.5 ") and \
+            "use a new output for a new sweep" in err, err
+        with pytest.raises(sweep_spec.SpecError, match="trial 0 would change"):
+            sweep._previous(fs, root, sweep_spec.load(str(path))[1])
+    assert (output / "sweep.json").read_text() == state

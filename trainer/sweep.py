@@ -31,7 +31,7 @@ from ingest.errors import EXIT_FAILED, InputError, Terminated
 from ingest.storage import Location, display, dump_json, read_json, write_atomic
 
 from . import report
-from .sweep_spec import MedianStop, Spec, SpecError, Trial, value_text
+from .sweep_spec import MedianStop, Spec, SpecError, Trial, canonical_flags, value_text
 
 log = logging.getLogger("trainer.sweep")
 
@@ -69,10 +69,18 @@ def _previous(fs, root: str, trials: list[Trial]) -> dict[str, Outcome]:
         if index >= len(now):
             raise SpecError(f"the spec makes {len(now)} of the {len(stored)} trials the sweep in {where} began with "
                             f"({STATE}): a spec may add trials, not remove them; use a new output for a new sweep")
-        if was != now[index]:
+        if _comparable(was) != _comparable(now[index]):
             raise SpecError(f"trial {index} would change: it was {_described(was)}, the spec now gives "
                             f"{_described(now[index])} ({where}/{STATE}); use a new output for a new sweep")
     return previous
+
+
+def _comparable(identity: dict) -> dict:
+    """A trial's identity with its flags in a canonical order: reordering the spec's train keys changes nothing."""
+    flags = identity.get("flags")
+    if isinstance(flags, list) and all(isinstance(word, str) for word in flags):
+        return {**identity, "flags": canonical_flags(flags)}
+    return identity
 
 
 def _described(trial: dict) -> str:
@@ -278,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", required=True, metavar="SWEEP.yaml", help="the sweep's spec (docs/training.md)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print each trial's id and command and stop: nothing is run or written")
+                        help="print each trial's id and command and stop: nothing is run or written (a spec that "
+                             "conflicts with the output's sweep.json is refused, as by a real run)")
     parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                         help="fsspec storage option for the output and every trial's --data and --output, "
                              "repeatable (e.g. endpoint_url=http://127.0.0.1:9000); credentials come from the "
@@ -302,6 +311,9 @@ def _main(args: argparse.Namespace, options: dict[str, Any]) -> int:
     logging.getLogger("trainer").setLevel(args.log_level)
     spec, trials = load(args.spec)
     if args.dry_run:
+        # Read-only: a spec the real run would refuse against the output's sweep.json is refused here too.
+        fs, root = Location(spec.output, options).open()
+        _previous(fs, root, trials)
         for trial in trials:
             print(trial.id, shlex.join(command(spec, trial, args.storage_option)))
         return 0

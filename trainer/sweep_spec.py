@@ -205,6 +205,12 @@ def _action(parser: argparse.ArgumentParser, key: str, name: Any) -> argparse.Ac
                if option.startswith("--")}
     if name in RESERVED:
         raise SpecError(f"{key}: not a trial flag ({RESERVED[name]})")
+    action = options.get(name)
+    if (isinstance(action, argparse.BooleanOptionalAction) and str(name).startswith("no-")
+            and f"--{name[3:]}" in action.option_strings):
+        # One key per flag: no-augment and augment would be the same flag twice, and false a double negation.
+        raise SpecError(f"{key}: give the flag as {name[3:]}: false (--{name}) or true (--{name[3:]}), "
+                        f"not as {name}")
     if name not in options:
         raise SpecError(f"{key}: unknown trainer.train flag{_did_you_mean(name, options)} "
                         f"(python -m trainer.train --help lists them)")
@@ -223,6 +229,18 @@ def flag_arguments(action: argparse.Action, name: str, value: Any) -> list[str]:
             return [f"--no-{name}"]
         return []
     return [f"--{name}", value_text(value, name)]
+
+
+def canonical_flags(flags: list[str]) -> list[list[str]]:
+    """A trial's command line as its options (each --name with its values), sorted: the same flags and values
+    in another order (the spec's train keys reordered) are the same trial."""
+    groups: list[list[str]] = []
+    for word in flags:
+        if word.startswith("--") or not groups:
+            groups.append([word])
+        else:
+            groups[-1].append(word)
+    return sorted(groups)
 
 
 def value_text(value: Any, name: str = "") -> str:
@@ -256,7 +274,15 @@ def _values(parser: argparse.ArgumentParser, strategy: str, name: str, values: A
                         (" or a {min, max, log} range" if strategy == "random" else ""))
     if not values:
         raise SpecError(f"{key}: an empty list; give at least one value")
-    return [_flag_value(parser, key, name, value) for value in values]
+    checked = [_flag_value(parser, key, name, value) for value in values]
+    # A value given twice makes trials that are the same command line (0.5, "0.5" and [0.5] are one value).
+    action, seen = _action(parser, key, name), set()
+    for value in checked:
+        words = tuple(flag_arguments(action, name, value))
+        if words in seen:
+            raise SpecError(f"{key}: {value!r} is given twice (its trials would be the same); give each value once")
+        seen.add(words)
+    return checked
 
 
 def _range(parser: argparse.ArgumentParser, strategy: str, key: str, name: str, spec: dict) -> Range:
