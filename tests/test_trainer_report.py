@@ -134,7 +134,7 @@ def test_plot_draws_every_curve(runs, tmp_path):
 
     report(runs, "--plot", tmp_path / "curves" / "val.png")
     with Image.open(tmp_path / "curves" / "val.png") as image:
-        assert image.format == "PNG" and image.size == (900, 550)
+        assert image.format == "PNG" and image.size == (1150, 550)
         colours = image.convert("RGB").getcolors(maxcolors=1 << 16)
     # White, black text and grid, and one colour per run at least.
     assert colours is None or len(colours) > 4
@@ -222,3 +222,61 @@ def test_runs_in_s3_and_the_plot_written_there(runs, s3_bucket):
         assert {key: row[key] for key in expected} == expected
         assert row["url"] == f"s3://{s3_bucket}/study/{row['run_id']}"
     assert fs.cat_file(f"{s3_bucket}/study/report.png")[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("damage", ["not json", "[1, 2]", '{"model": "x"}'])
+def test_an_unreadable_run_is_a_row_and_a_warning_not_the_end_of_the_report(runs, tmp_path, damage):
+    prefix = tmp_path / "copies"
+    for name in ("good", "bad"):
+        shutil.copytree(runs / "aug", prefix / name)
+    (prefix / "bad" / "results.json").write_text(damage)
+    result = run_cli("trainer.report", prefix, "--plot", tmp_path / "val.png")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert {row["RunID"]: row["Status"] for row in markdown_rows(result.stdout)} == {
+        "good": "finished", "bad": "unreadable"}
+    (warning,) = [line for line in result.stderr.splitlines() if "warning:" in line]
+    assert str(prefix / "bad") in warning
+    assert (tmp_path / "val.png").exists()
+
+
+def test_only_unreadable_runs_is_the_table_then_one_error_line_exit_3(runs, tmp_path):
+    shutil.copytree(runs / "aug", tmp_path / "bad")
+    (tmp_path / "bad" / "results.json").write_text("[1, 2]")
+    result = run_cli("trainer.report", tmp_path / "bad", "--format", "json")
+    assert result.returncode == 3 and json.loads(result.stdout)[0]["status"] == "unreadable"
+    assert one_error_line(result) == "error: none of the 1 runs found could be read (see the warnings above)"
+
+
+def test_a_run_given_twice_is_one_row(runs):
+    table = json.loads(report(runs / "aug", runs, f"{runs}/aug/", "--format", "json").stdout)
+    assert sorted(row["run_id"] for row in table) == sorted(["aug", *(set(RUNS) - {"aug"}), KILLED])
+
+
+@pytest.mark.parametrize("target", ["dir", "slash"])
+def test_plot_into_a_directory_is_one_error_line_exit_2(runs, tmp_path, target):
+    plot = str(tmp_path) if target == "dir" else f"{tmp_path}/new/"
+    result = run_cli("trainer.report", runs / "aug", "--plot", plot)
+    assert result.returncode == 2 and result.stdout == ""
+    assert "a directory" in one_error_line(result)
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_plot_of_many_runs_has_a_colour_each_and_the_legend_beside_the_axes(runs):
+    from matplotlib.colors import to_hex
+
+    from trainer import report as library
+    from trainer.report_plot import SIZE_INCHES, colours, figure_size
+
+    for count in (3, 12, 25, 60):
+        assert len({to_hex(colour) for colour in colours(count)}) == count
+    assert figure_size(3)[1] == SIZE_INCHES[1] and figure_size(3)[0] > SIZE_INCHES[0]
+    assert figure_size(60)[1] > figure_size(20)[1] >= SIZE_INCHES[1]
+    (run,) = library.load([str(runs / "aug")])
+    many = [library.Run(run.row | {"run_id": f"run{i:02d}"}, run.history) for i in range(25)]
+    from io import BytesIO
+
+    from PIL import Image
+
+    from trainer.report_plot import DPI, plot
+    with Image.open(BytesIO(plot(many))) as image:
+        assert image.size == tuple(round(inches * DPI) for inches in figure_size(25))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ingest import cli
-from ingest.errors import InputError
+from ingest.errors import InputError, OutputError, UsageError
 from ingest.storage import Location, display, read_json, storage_call, write_atomic
 
 log = logging.getLogger("trainer.report")
@@ -30,7 +30,7 @@ log = logging.getLogger("trainer.report")
 CONFIG, RESULTS, LATEST, HISTORY = "config.json", "results.json", "checkpoints/latest.json", "history.csv"
 # prefix/run, prefix/sweep/trial and prefix/study/sweep/trial: a sweep writes trial i to <output>/<trial>/.
 MAX_DEPTH = 3
-FINISHED, UNFINISHED = "finished", "unfinished"
+FINISHED, UNFINISHED, UNREADABLE = "finished", "unfinished", "unreadable"
 
 
 @dataclass(frozen=True)
@@ -61,16 +61,34 @@ def _summary_so_far(config: dict, checkpoint: dict | None) -> dict:
 # --- finding and reading runs ---------------------------------------------------------------------
 
 def load(urls: list[str], storage_options: dict[str, Any] | None = None) -> list[Run]:
-    """Every run at or below each URL; a URL without any is an InputError (exit 3)."""
-    runs = []
+    """Every run at or below each URL, each once (a run reached by two URLs is listed under the first);
+    a URL without any is an InputError (exit 3). A run whose files cannot be read as a trainer run's is
+    a row with Status `unreadable` and a warning on stderr, not an error: the other runs are still listed."""
+    runs, seen = [], set()
     for url in urls:
         fs, root = _open(url, storage_options or {})
-        found = [_read_run(fs, path, run_id) for run_id, path in _find(fs, root)]
+        found = _find(fs, root)
         if not found:
             raise InputError(f"{url}: no trainer runs there (a run is a directory holding {CONFIG}; searched up to "
                              f"{MAX_DEPTH} levels down)")
-        runs += found
+        for run_id, path in found:
+            if display(fs, path) not in seen:
+                seen.add(display(fs, path))
+                runs.append(_read_or_unreadable(fs, path, run_id))
     return runs
+
+
+def readable(runs: list[Run]) -> list[Run]:
+    return [run for run in runs if run.row["status"] != UNREADABLE]
+
+
+def _read_or_unreadable(fs, path: str, run_id: str) -> Run:
+    try:
+        return _read_run(fs, path, run_id)
+    except InputError as exc:
+        log.warning("warning: %s", exc)
+        return Run(dict.fromkeys(key for key in _row_keys()) | {"run_id": run_id, "status": UNREADABLE,
+                                                                 "url": display(fs, path)}, [])
 
 
 def _open(url: str, options: dict[str, Any]) -> tuple[Any, str]:
@@ -108,19 +126,23 @@ def _walk(fs, path: str, depth: int) -> Iterator[str]:
 
 def _read_run(fs, path: str, run_id: str) -> Run:
     where = display(fs, path)
-    config = read_json(fs, f"{path}/{CONFIG}", invalid=InputError)
+    config = _optional_json(fs, f"{path}/{CONFIG}")
     results, checkpoint = (_optional_json(fs, f"{path}/{name}") for name in (RESULTS, LATEST))
     try:
+        if config is None:   # deleted between the listing and the read
+            raise FileNotFoundError(f"{CONFIG} is gone")
         # A finished run rerun with more --epochs keeps its old results.json until it ends again.
         finished = results is not None and (checkpoint is None or
                                             len(checkpoint["history"]) <= results["epochs_run"])
         summary = results if finished else _summary_so_far(config, checkpoint)
         row = _row(summary, run_id, where, finished)
         history = (_history_csv(fs, path) if finished else None) or (checkpoint["history"] if checkpoint else [])
-    except (KeyError, TypeError, ValueError, StopIteration) as exc:   # a file of another program or version
+        val_exact = not finished or results.get("val_exact", True)
+    except (KeyError, TypeError, ValueError, AttributeError, StopIteration, FileNotFoundError) as exc:
+        # A file of another program or version, or JSON of another shape.
         raise InputError(f"{where}: not a trainer.train output ({type(exc).__name__}: {exc}; in its {CONFIG}, "
                          f"{RESULTS}, {LATEST} or {HISTORY})") from None
-    if finished and not results.get("val_exact", True):
+    if not val_exact:
         log.warning("warning: %s: its val accuracy is over %s of %s samples (some could not be read)", run_id,
                     results.get("val_samples_seen"), results.get("val_samples_expected"))
     return Run(row, history)
@@ -167,6 +189,12 @@ def _row(s: dict, run_id: str, where: str, finished: bool) -> dict:
             "early_stopping_epoch": s["epochs_run"] - 1 if s["stopped_early"] else None,
             "workers": s["workers"], "epochs_run": s["epochs_run"], "images_per_second": s["images_per_second"],
             "status": FINISHED if finished else UNFINISHED, "best_epoch": s["best_epoch"], "url": where}
+
+
+def _row_keys() -> list[str]:
+    return list(_row(dict.fromkeys(("model", "train_top1", "train_top5", "val_top1", "val_top5", "dropout",
+                                    "augmentation", "epochs_run", "stopped_early", "workers",
+                                    "images_per_second", "best_epoch")), "", "", False))
 
 
 def _fixed(decimals: int) -> Callable[[float], str]:
@@ -236,11 +264,25 @@ def report(urls: list[str], fmt: str = "markdown", storage_options: dict[str, An
     return render(rows(load(urls, storage_options)), fmt)
 
 
+def plot_target(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """The filesystem and path of a --plot URL; a directory (or a URL ending in /) is a UsageError (exit 2)."""
+    if url.endswith(("/", os.sep)):
+        raise UsageError(f"--plot {url}: a directory; give a file name (e.g. {url.rstrip('/' + os.sep)}/val-top5.png)")
+    try:
+        fs, path = Location(url, storage_options or {}).open()
+    except (ImportError, ValueError) as exc:
+        raise UsageError(f"--plot {url}: cannot open it: {' '.join(str(exc).split())}") from None
+    with storage_call(fs, path, "read", refused=OutputError):
+        if fs.isdir(path):
+            raise UsageError(f"--plot {url}: a directory; give a file name (e.g. {url}/val-top5.png)")
+    return fs, path
+
+
 def write_plot(runs: list[Run], url: str, storage_options: dict[str, Any] | None = None) -> None:
-    """The runs' val top-5 curves as a PNG at `url` (a path or any fsspec URL)."""
+    """The runs' val top-5 curves as a PNG at `url` (a path or any fsspec URL; not a directory)."""
     from .report_plot import plot
 
-    fs, path = Location(url, storage_options or {}).open()
+    fs, path = plot_target(url, storage_options)
     write_atomic(fs, path, plot(runs))
 
 
@@ -278,10 +320,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         logging.getLogger("trainer").setLevel(args.log_level)
+        if args.plot:
+            plot_target(args.plot, options)   # a bad --plot before any reading or printing
         runs = load(args.urls, options)
         _print(render(rows(runs), args.format))
         if args.plot:
             write_plot(runs, args.plot, options)
+        if not readable(runs):
+            raise InputError(f"none of the {len(runs)} runs found could be read (see the warnings above)")
 
     return cli.run_main(body, args.log_level, kept="nothing was written")
 
