@@ -10,6 +10,7 @@ the shard CLI's main in that same process.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -171,8 +172,10 @@ def test_a_permanent_error_names_the_object_and_keeps_what_was_committed(tiny, r
     assert shard_bytes(out) == reference
 
 
+# A connection closed before the response reads as either botocore error, depending on whether the
+# request had been sent when the proxy closed it.
 @pytest.mark.parametrize("fault, reason", [("internal_error", "InternalError"),
-                                           ("close_before", "EndpointConnectionError")])
+                                           ("close_before", "(EndpointConnectionError|ConnectionClosedError)")])
 def test_storage_failing_beyond_the_retry_budget_is_a_clean_error(fault, reason, tiny, reference, s3_bucket,
                                                                   s3_endpoint):
     out = s3_url(s3_bucket, "failing")
@@ -183,7 +186,7 @@ def test_storage_failing_beyond_the_retry_budget_is_a_clean_error(fault, reason,
                                                                   "AWS_MAX_ATTEMPTS": "2"})
     assert result.returncode == EXIT_FAILED
     line = error_line(result)
-    assert f"{out}/_index/train-000001.tar.json: write failed after retries ({reason}" in line
+    assert re.search(rf"{re.escape(out)}/_index/train-000001\.tar\.json: write failed after retries \({reason}", line)
     assert "rerun to resume" in line
     assert proxy.injected[fault] >= 2
     visible_objects_are_complete(out, reference)
