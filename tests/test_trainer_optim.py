@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from trainer import dist, loop, optim
-from trainer.config import LR_SCALINGS, LR_SCHEDULES, OPTIMIZERS, TrainConfig, from_preset
+from trainer.config import AUGMENT_PRESETS, LR_SCALINGS, LR_SCHEDULES, OPTIMIZERS, TrainConfig, from_preset
 from trainer.loop import Trainer
 
 from .conftest import REPO, run_cli
@@ -38,7 +38,9 @@ def l2_trainer(train_shards, tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "build_model", lambda config, num_classes, image_size: l2_model(num_classes, image_size))
 
     def make(**settings) -> Trainer:
+        # No augmentation: the step must see the images the test computes the loss of.
         config = TrainConfig(data=str(train_shards), output=str(tmp_path / "out"), batch_size=8,
+                             augment=AUGMENT_PRESETS["none"],
                              **{"optimizer": "sgd", "lr": 0.1, "warmup_epochs": 0, **settings})
         return Trainer(config, dist.init())
 
@@ -53,7 +55,7 @@ def test_the_regularisation_loss_is_part_of_the_loss_reported_and_minimised(l2_t
     images, labels = tf.zeros([8, 64, 64, 3]), tf.range(8) % 10
     data_loss = float(keras.losses.SparseCategoricalCrossentropy()(labels, trainer.model(images)))
     penalty = L2 * float(np.sum(before ** 2))
-    loss = float(trainer.train_step(images, labels, tf.zeros([2]))[0])   # no stop, no checkpoint
+    loss = float(trainer.train_step(images, labels, tf.zeros([2]), tf.zeros([2], tf.int64))[0])   # no stop, no checkpoint
     assert loss == pytest.approx(data_loss + penalty, rel=1e-5)
     assert np.linalg.norm(kernel.numpy()) < 0.99 * np.linalg.norm(before)
 
@@ -65,7 +67,8 @@ def test_label_smoothing_changes_the_loss_but_not_the_accuracy_counts(l2_trainer
     probabilities = smoothed.model(images).numpy()
     np.testing.assert_array_equal(plain.model(images).numpy(), probabilities)
     penalty = float(tf.add_n(smoothed.model.losses))
-    a, b = (t.train_step(images, labels, tf.zeros([2])).numpy()[:3] for t in (plain, smoothed))
+    a, b = (t.train_step(images, labels, tf.zeros([2]), tf.zeros([2], tf.int64)).numpy()[:3]
+            for t in (plain, smoothed))
     # Targets (1 - e) one-hot + e / K: (1 - e) x cross-entropy + e x the mean of -log p over the classes.
     log_p = np.log(probabilities)
     expected = np.mean(-0.8 * log_p[np.arange(8), labels.numpy()] - 0.2 * log_p.mean(axis=1)) + penalty

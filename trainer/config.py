@@ -58,9 +58,11 @@ LR_SCHEDULES = ("constant", "cosine", "step")   # the keys of trainer.optim.SCHE
 LR_SCALINGS = ("linear", "sqrt", "none")        # the keys of trainer.optim.SCALINGS
 # Settings a rerun may change and still resume: extend a run, change when it stops early, where it
 # serves metrics, how its output and data are spelt or where they moved (the checkpoint checks that
-# the dataset is the same one: its manifest's plan id).
+# the dataset is the same one: its manifest's plan id), how much it reads ahead (the order does not
+# depend on it) and whether XLA compiles the step.
 RESUMABLE = frozenset({"epochs", "early_stopping_patience", "metrics_port", "output", "storage_options", "data",
-                       "stall_timeout", "checkpoint_every", "log_every_steps"})
+                       "stall_timeout", "checkpoint_every", "log_every_steps", "read_ahead_mb",
+                       "jit_compile"})
 
 
 @dataclass
@@ -81,8 +83,9 @@ class TrainConfig:
     weight_decay: float | None = None           # decoupled, kernels only; None: the optimizer's (adamw 0.01, else 0)
     label_smoothing: float = 0.0
     early_stopping_patience: int | None = None  # epochs without a better val top-5
-    shuffle_buffer: int = 10_000
-    interleave: int = 4                         # shards read at once per rank
+    shuffle_mb: int = 128                       # shuffle buffer per rank, MB of samples
+    read_ahead_mb: int = 128                    # shards being read at once per rank, MB (at least one)
+    jit_compile: bool = False                   # XLA for the step's forward and backward pass
     mixed_precision: bool = False
     seed: int = 0                               # of weights, data order, augmentation and dropout
     deterministic: bool = False                 # same seed -> same weights and metrics (slower)
@@ -123,6 +126,8 @@ class TrainConfig:
             (self.early_stopping_patience is None or self.early_stopping_patience >= 1,
              f"early stopping patience {self.early_stopping_patience} must be >= 1"),
             (self.image_size >= 8, f"image size {self.image_size} must be >= 8"),
+            (self.shuffle_mb >= 1, f"shuffle buffer {self.shuffle_mb} MB must be >= 1"),
+            (self.read_ahead_mb >= 1, f"read-ahead {self.read_ahead_mb} MB must be >= 1"),
             (self.metrics_port is None or 1 <= self.metrics_port <= 65535,
              f"metrics port {self.metrics_port} must be in 1..65535"),
         ]
@@ -147,6 +152,9 @@ class TrainConfig:
     def from_json(cls, values: dict[str, Any]) -> TrainConfig:
         values = dict(values)
         values.setdefault("lr_scaling", "linear")   # saved before --lr-scaling: every optimizer's was linear
+        # Saved before buffers were sized in MB: their sample counts have no equivalent.
+        values.pop("shuffle_buffer", None)
+        values.pop("interleave", None)
         model = values.pop("model", {})
         augment = values.pop("augment", {})
         if model.get("dropout") is not None:

@@ -13,6 +13,7 @@ class Workers:
     rank: int
     size: int
     local_rank: int
+    local_size: int = 1      # ranks on this node: they share its cores
 
     @property
     def is_chief(self) -> bool:
@@ -27,7 +28,7 @@ def init() -> Workers:
     if gpus:
         tf.config.set_visible_devices(gpus[hvd.local_rank() % len(gpus)], "GPU")
         tf.config.experimental.set_memory_growth(gpus[hvd.local_rank() % len(gpus)], True)
-    return Workers(hvd.rank(), hvd.size(), hvd.local_rank())
+    return Workers(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
 
 
 def collective_failure(error: BaseException) -> str | None:

@@ -21,7 +21,8 @@ from ingest.cli import terminating
 
 from . import dist, evaluation, optim, randomness
 from .config import TrainConfig
-from .data import Dataset, InputConfig
+from .augment import augment_batch
+from .data import Dataset, InputConfig, thread_share
 from .errors import Diverged
 from .metrics import TrainerMetrics
 from .models import build_model, dropout_rates
@@ -56,11 +57,11 @@ class EpochResult:
     val_samples_expected: int = 0   # the manifest's; more than seen when val samples could not be read
 
 
-def build_inputs(config: TrainConfig) -> Dataset:
+def build_inputs(config: TrainConfig, workers: dist.Workers) -> Dataset:
     return Dataset(InputConfig(data=config.data, image_size=config.image_size, batch_size=config.batch_size,
-                               shuffle_buffer=config.shuffle_buffer, interleave=config.interleave, seed=config.seed,
+                               shuffle_mb=config.shuffle_mb, read_ahead_mb=config.read_ahead_mb, seed=config.seed,
                                deterministic=config.deterministic, augment=config.augment,
-                               storage_options=config.storage_options))
+                               storage_options=config.storage_options, threads=thread_share(workers.local_size)))
 
 
 def set_determinism(config: TrainConfig) -> None:
@@ -85,7 +86,7 @@ class Trainer:
         self.config = config
         self.workers = workers
         self.metrics = metrics
-        self.data = build_inputs(config)
+        self.data = build_inputs(config, workers)
         self.steps_per_epoch = self.data.steps_per_epoch(workers.size)   # nominal: the LR schedule's unit
         self.precision = set_precision(config)
         set_determinism(config)
@@ -98,6 +99,8 @@ class Trainer:
         self.optimizer.build(self.model.trainable_variables)
         self.loss_fn = optim.build_loss(config, self.data.num_classes)
         self.eval_step = evaluation.eval_step(self.model)
+        self.gradients = (tf.function(self._gradients, jit_compile=True) if config.jit_compile
+                          else self._gradients)
         self.train_stream = None
         self.watchdog = None   # trainer.watchdog.Watchdog, set by the CLI
         # Mid-epoch checkpoints: the CLI's on_boundary saves one where the ranks agreed to.
@@ -119,10 +122,24 @@ class Trainer:
         """Start reading the training data at `epoch`, `step` (a resumed run reads what the whole run would)."""
         self.train_stream = iter(self.data.train(self.workers.rank, self.workers.size, epoch, self.config.epochs, step))
 
+    def _gradients(self, images: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor):
+        """The batch's augmentation (on the accelerator: trainer.augment), forward and backward pass:
+        (the loss minimised, the probabilities, the gradients). XLA compiles this part alone with
+        --jit-compile: Horovod's allreduce and the host clocks stay outside it."""
+        images = augment_batch(images, seed, self.config.augment)
+        with tf.GradientTape() as tape:
+            probabilities = self.model(images, training=True)
+            loss = self.loss_fn(labels, probabilities)
+            if self.model.losses:
+                loss += tf.add_n([tf.cast(penalty, loss.dtype) for penalty in self.model.losses])
+            scaled = self.optimizer.scale_loss(loss)   # the loss itself unless loss scaling is on
+        return loss, probabilities, tape.gradient(scaled, self.model.trainable_variables)
+
     @tf.function
-    def train_step(self, images: tf.Tensor, labels: tf.Tensor, flags: tf.Tensor) -> tf.Tensor:
-        """One synchronous step; returns [loss averaged over ranks, this rank's correct top-1, top-5,
-        stop, checkpoint, seconds computing the gradients, seconds in their allreduce]. The loss is the
+    def train_step(self, images: tf.Tensor, labels: tf.Tensor, flags: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        """One synchronous step on a batch of uint8 images before augmentation (`seed`: the batch's,
+        shape [2]); returns [loss averaged over ranks, this rank's correct top-1, top-5, stop,
+        checkpoint, seconds computing the gradients, seconds in their allreduce]. The loss is the
         one minimised: the data loss plus the model's regularisation losses. `flags` ([stop, checkpoint]
         of this rank) ride in the same allreduce: above 0 when any rank asked, so all ranks agree on
         the step after which to checkpoint or stop. The two durations, per rank, show a straggler: it
@@ -130,22 +147,20 @@ class Trainer:
         determinism: --deterministic runs report 0 for both."""
         timed = not self.config.deterministic
         started = _clock_after([images]) if timed else None
-        with tf.GradientTape() as tape:
-            probabilities = self.model(images, training=True)
-            loss = self.loss_fn(labels, probabilities)
-            if self.model.losses:
-                loss += tf.add_n([tf.cast(penalty, loss.dtype) for penalty in self.model.losses])
-            scaled = self.optimizer.scale_loss(loss)   # the loss itself unless loss scaling is on
-        variables = self.model.trainable_variables
-        gradients = tape.gradient(scaled, variables)
+        loss, probabilities, gradients = self.gradients(images, labels, seed)
         computed = _clock_after(gradients) if timed else None
         # The loss rides with the gradients: every rank sees the same mean loss, so all stop together.
         *gradients, mean_loss, flags = dist.average([*gradients, loss, flags])
         reduced = _clock_after([mean_loss]) if timed else None
-        self.optimizer.apply_gradients(zip(gradients, variables))
+        self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
         seconds = tf.cast(tf.stack([computed - started, reduced - computed]), tf.float32) if timed else tf.zeros([2])
         return tf.concat([tf.stack([mean_loss, evaluation.top_k_hits(probabilities, labels, 1),
                                     evaluation.top_k_hits(probabilities, labels, 5)]), flags, seconds], axis=0)
+
+    def augment_seed(self, epoch: int, step: int) -> tf.Tensor:
+        """The seed of a step's batched augmentation: (this rank's and epoch's seed, the step)."""
+        return tf.constant([randomness.derive(self.config.seed, self.workers.rank, f"augment-{epoch}"), step],
+                           tf.int64)
 
     def train_epoch(self, epoch: int, partial: Partial | None = None) -> tuple[float, float, float, float, float]:
         """(mean loss, top-1, top-5, images/s of this rank, data-wait share) over one epoch, from
@@ -169,7 +184,7 @@ class Trainer:
             got = time.perf_counter()
             waited = got - asked
             self.progress(f"epoch {epoch}, step {step}: its allreduce with the other ranks")
-            result = self.train_step(images, labels, self._flags())
+            result = self.train_step(images, labels, self._flags(), self.augment_seed(epoch, step))
             sums, waiting = sums + result[:3], waiting + waited
             if previous is not None:   # checked a step late, so that the check never waits for a step
                 _check_finite(epoch, step - 1, previous)

@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics on this port plus the local rank (one port per process)")
     add("--mixed-precision", action=argparse.BooleanOptionalAction, default=None,
         help="compute in float16 on GPUs (with loss scaling) or bfloat16 on CPUs; weights stay float32")
+    add("--shuffle-mb", type=int, metavar="MB",
+        help="shuffle buffer per rank in MB of samples (the split's mean sample size converts it; default 128)")
+    add("--read-ahead-mb", type=int, metavar="MB",
+        help="shards read at once per rank, in MB (at least one shard, at most 8; default 128)")
+    add("--jit-compile", action=argparse.BooleanOptionalAction, default=None,
+        help="compile each step's forward and backward pass with XLA (default off)")
     add("--seed", type=int, help="seed of weights, data order, augmentation and dropout (default 0)")
     add("--deterministic", action="store_true", default=None,
         help="same --seed, same weights and metrics, on any number of ranks (deterministic kernels and "
@@ -97,7 +103,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "mixed_precision": args.mixed_precision, "metrics_port": args.metrics_port, "seed": args.seed,
         "deterministic": args.deterministic, "stall_timeout": args.stall_timeout,
         "checkpoint_every": args.checkpoint_every, "lr_scaling": args.lr_scaling, "warmup_epochs": args.warmup_epochs,
-        "log_every_steps": args.log_every_steps,
+        "log_every_steps": args.log_every_steps, "shuffle_mb": args.shuffle_mb,
+        "read_ahead_mb": args.read_ahead_mb, "jit_compile": args.jit_compile,
         "lr_schedule": args.lr_schedule, "lr_decay_epochs": args.lr_decay_epochs,
         "weight_decay": args.weight_decay, "label_smoothing": args.label_smoothing,
         "storage_options": parse_storage_options(args.storage_option) or None}.items() if value is not None}

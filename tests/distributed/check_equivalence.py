@@ -25,6 +25,6 @@ images = rng.integers(0, 256, size=(3, 16, 64, 64, 3)).astype(np.uint8)   # what
 labels = rng.integers(0, 10, size=(3, 16)).astype(np.int32)
 mine = slice(workers.rank * batch, (workers.rank + 1) * batch)
 for step in range(3):
-    trainer.train_step(images[step, mine], labels[step, mine], tf.zeros([2]))   # no stop, no checkpoint
+    trainer.train_step(images[step, mine], labels[step, mine], tf.zeros([2]), tf.zeros([2], tf.int64))   # no stop, checkpoint
 if workers.is_chief:
     np.savez(output, *trainer.model.get_weights())
