@@ -1,8 +1,12 @@
 """The streaming input pipeline against two baselines measured in the same run, on the same images:
 
-- decode limit: the same decode + augment over the JPEG bytes held in memory;
+- decode limit: the per-image work alone (`trainer.augment.train_image`: decode, or for
+  random-resized-crop decode_and_crop + resize) over the JPEG bytes held in memory, uint8, batched;
 - TFRecord: the same images written as TFRecord files (local disk) and read by TFRecordDataset
-  with the same decode + augment: the incumbent TensorFlow way.
+  with the same per-image work: the incumbent TensorFlow way.
+
+Every contender stops at uint8 batches: the batched augmentation runs in the train step, on the
+accelerator (trainer.augment.augment_batch).
 
     python -m bench.pipeline --data URL [--split train] [--batch-size 256] [--seconds 10] [--rounds 3] [--json]
 """
@@ -19,7 +23,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from trainer.augment import PRESETS, train_image
+from trainer.augment import PRESETS, per_image_seeds, train_image
 from trainer.data import AUTOTUNE, Dataset, InputConfig
 
 # The baselines hold their images in memory; this many bytes of JPEGs is plenty for a rate.
@@ -51,13 +55,17 @@ def in_memory_samples(data: Dataset, split: str) -> tuple[list[bytes], list[int]
 
 
 def augmented(samples: tf.data.Dataset, config: InputConfig) -> tf.data.Dataset:
-    """The pipeline's own decode + augment + batch, applied to a baseline's sample stream."""
-    seeds = tf.data.Dataset.random(seed=0).batch(2)
+    """The pipeline's own per-image work + batch, applied to a baseline's sample stream."""
     size, augment = config.image_size, config.augment
-    return (tf.data.Dataset.zip((samples, seeds))
-            .map(lambda sample, s: (train_image(sample[0], s, size, augment), sample[1]),
-                 num_parallel_calls=AUTOTUNE, deterministic=False)
-            .batch(config.batch_size, drop_remainder=True).prefetch(AUTOTUNE))
+    if per_image_seeds(augment):   # random-resized-crop: a seed per image
+        seeds = tf.data.Dataset.random(seed=0).batch(2)
+        decoded = tf.data.Dataset.zip((samples, seeds)).map(
+            lambda sample, s: (train_image(sample[0], s, size, augment), sample[1]),
+            num_parallel_calls=AUTOTUNE, deterministic=False)
+    else:
+        decoded = samples.map(lambda jpeg, label: (train_image(jpeg, None, size, augment), label),
+                              num_parallel_calls=AUTOTUNE, deterministic=False)
+    return decoded.batch(config.batch_size, drop_remainder=True).prefetch(AUTOTUNE)
 
 
 def write_tfrecords(images: list[bytes], labels: list[int], directory: str, files: int = 8) -> list[str]:
@@ -74,6 +82,7 @@ def write_tfrecords(images: list[bytes], labels: list[int], directory: str, file
 
 
 def tfrecord_samples(paths: list[str], shuffle_buffer: int) -> tf.data.Dataset:
+    """The TFRecord files' (jpeg, label) samples, shuffled in a buffer of `shuffle_buffer` samples."""
     spec = {"image": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64)}
 
     def parse(record):
@@ -91,21 +100,22 @@ def peak_rss_mb() -> float:
 
 def run(args: argparse.Namespace) -> dict:
     config = InputConfig(data=args.data, image_size=args.image_size, batch_size=args.batch_size,
-                         shuffle_buffer=args.shuffle_buffer, augment=PRESETS[args.augment])
+                         shuffle_mb=args.shuffle_mb, augment=PRESETS[args.augment])
     data = Dataset(config)
+    shuffle_buffer = data.shuffle_samples("train")
     if args.split != "train":
         raise ValueError("only the train split streams with augmentation; use --split train")
     rss_before = peak_rss_mb()
-    streams = {"pipeline": iter(data.train().repeat())}   # epoch 0 again and again: a throughput measure
+    streams = {"pipeline": iter(data.train(0, 1, 0, 10_000))}   # as training reads it, epoch after epoch
     rates: dict[str, list[float]] = {"pipeline": [images_per_second(streams["pipeline"], config.batch_size,
                                                                     args.seconds)]}
     rss_pipeline = peak_rss_mb()   # before the baselines load their images into memory
     images, labels = in_memory_samples(data, args.split)
-    in_memory = tf.data.Dataset.from_tensor_slices((images, labels)).repeat().shuffle(config.shuffle_buffer)
+    in_memory = tf.data.Dataset.from_tensor_slices((images, labels)).repeat()
     streams["decode_limit"] = iter(augmented(in_memory, config))
     with tempfile.TemporaryDirectory() as directory:
         paths = write_tfrecords(images, labels, directory)
-        streams["tfrecord"] = iter(augmented(tfrecord_samples(paths, config.shuffle_buffer), config))
+        streams["tfrecord"] = iter(augmented(tfrecord_samples(paths, shuffle_buffer), config))
         # Rounds alternate the contenders, so drift of the machine's speed reaches all three alike.
         for round_ in range(args.rounds):
             for name, stream in streams.items():
@@ -137,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=64, help="model input side (default 64)")
     parser.add_argument("--augment", default="tinyimagenet", choices=sorted(PRESETS),
                         help="augmentation preset (default tinyimagenet)")
-    parser.add_argument("--shuffle-buffer", type=int, default=10_000, help="samples (default 10000)")
+    parser.add_argument("--shuffle-mb", type=int, default=128, help="shuffle buffer, MB (default 128)")
     parser.add_argument("--seconds", type=float, default=10,
                         help="measuring time per contender and round (default 10)")
     parser.add_argument("--rounds", type=int, default=3,
