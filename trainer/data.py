@@ -53,8 +53,8 @@ class InputConfig:
     data: str                               # dataset URL: the --output given to ingest.shard
     image_size: int = 64                    # model input side
     batch_size: int = 128                   # per rank
-    shuffle_mb: int = 64                    # shuffle buffer, MB of samples
-    read_ahead_mb: int = 64                 # shards being read at once, MB (at least one shard)
+    shuffle_mb: int = 128                   # shuffle buffer, MB of samples
+    read_ahead_mb: int = 128                # shards being read at once, MB (at least one shard)
     seed: int = 0
     deterministic: bool = False             # same seed -> same order on each rank (slower)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -203,18 +203,20 @@ class Dataset:
     def _shard_names(self, split: str) -> list[str]:
         return [s["name"] for s in self._split(split)["shards"]]
 
-    def shuffle_samples(self, split: str = "train") -> int:
-        """The shuffle buffer in samples: `shuffle_mb` over the split's mean bytes per sample (a
-        shard's bytes: the JPEG and its tar members; at least one batch)."""
+    def _mean_bytes(self, split: str, per: str) -> float:
+        """The split's shard bytes per sample (per="samples": a JPEG and its tar members) or per shard."""
         info = self._split(split)
-        per_sample = sum(shard["bytes"] for shard in info["shards"]) / max(1, info["samples"])
-        return max(self.config.batch_size, int(self.config.shuffle_mb * MB / max(per_sample, 1.0)))
+        count = info["samples"] if per == "samples" else len(info["shards"])
+        return max(1.0, sum(shard["bytes"] for shard in info["shards"]) / max(1, count))
+
+    def shuffle_samples(self, split: str = "train") -> int:
+        """The shuffle buffer in samples: `shuffle_mb` over the split's mean bytes per sample (at
+        least one batch)."""
+        return max(self.config.batch_size, int(self.config.shuffle_mb * MB / self._mean_bytes(split, "samples")))
 
     def shards_in_flight(self, split: str = "train") -> int:
         """Shards read at once: `read_ahead_mb` over the split's mean shard size, 1..MAX_IN_FLIGHT."""
-        shards = self._split(split)["shards"]
-        mean = sum(shard["bytes"] for shard in shards) / max(1, len(shards))
-        return max(1, min(MAX_IN_FLIGHT, int(self.config.read_ahead_mb * MB // max(mean, 1.0))))
+        return max(1, min(MAX_IN_FLIGHT, int(self.config.read_ahead_mb * MB // self._mean_bytes(split, "shards"))))
 
     def _options(self) -> tf.data.Options:
         """This rank's own thread pool, its share of the node's cores: ranks on one node do not
@@ -233,6 +235,7 @@ class Dataset:
         names, parts, counts = (list(column) for column in zip(*assignments)) if assignments else ([], [], [])
         assignments = tf.data.Dataset.from_tensor_slices(
             (tf.constant(names, tf.string), tf.constant(parts, tf.int32), tf.constant(counts, tf.int32)))
+
         def shard(name, part, parts) -> tuple:
             samples = self.source.samples(name.numpy().decode(), int(part), int(parts), labelled)
             drops.enter(len(samples[1]))
