@@ -3,7 +3,10 @@
 - decode limit: the per-image work alone (`trainer.augment.train_image`: decode, or for
   random-resized-crop decode_and_crop + resize) over the JPEG bytes held in memory, uint8, batched;
 - TFRecord: the same images written as TFRecord files (local disk) and read by TFRecordDataset
-  with the same per-image work: the incumbent TensorFlow way.
+  with the same per-image work: the incumbent TensorFlow way;
+- stock WebDataset: what a user would write with the `webdataset` library over the same shards
+  (`WebDataset(urls).shuffle(n).decode("rgb8")` -> `tf.data.Dataset.from_generator`, then the same
+  crop / resize per image): the peer (local shards only: it reads URLs, not fsspec stores).
 
 Every contender stops at uint8 batches: the batched augmentation runs in the train step, on the
 accelerator (trainer.augment.augment_batch).
@@ -22,6 +25,7 @@ import time
 
 import numpy as np
 import tensorflow as tf
+import webdataset
 
 from trainer.augment import PRESETS, per_image_seeds, train_image
 from trainer.data import AUTOTUNE, Dataset, InputConfig
@@ -94,6 +98,32 @@ def tfrecord_samples(paths: list[str], shuffle_buffer: int) -> tf.data.Dataset:
             .map(parse, num_parallel_calls=AUTOTUNE).shuffle(shuffle_buffer))
 
 
+def stock_webdataset(data: Dataset, config: InputConfig, shuffle_buffer: int) -> tf.data.Dataset | None:
+    """The split's shards through the `webdataset` library as its documentation shows, into tf.data;
+    None when the shards are not on local disk."""
+    if "file" not in np.atleast_1d(data.source.fs.protocol):
+        return None
+    urls = [f"{data.source.root}/{name}" for name in data._shard_names("train")]
+    samples = webdataset.WebDataset(urls, shardshuffle=len(urls), empty_check=False).repeat().shuffle(
+        min(shuffle_buffer, 20_000)).decode("rgb8").to_tuple("jpg", "cls")
+    spec = (tf.TensorSpec([None, None, 3], tf.uint8), tf.TensorSpec([], tf.int32))
+    images = tf.data.Dataset.from_generator(lambda: iter(samples), output_signature=spec)
+    size, augment = config.image_size, config.augment
+
+    def per_image(image, label):
+        if per_image_seeds(augment):   # random-resized-crop of the decoded image
+            begin, crop, _ = tf.image.sample_distorted_bounding_box(
+                tf.shape(image), tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]), min_object_covered=0.1,
+                aspect_ratio_range=augment.aspect_range, area_range=augment.area_range, max_attempts=10,
+                use_image_if_no_bounding_boxes=True)
+            image = tf.slice(image, begin, crop)
+        resized = tf.image.resize(image, [size, size], antialias=True)
+        return tf.cast(tf.clip_by_value(resized, 0, 255), tf.uint8), label
+
+    return images.map(per_image, num_parallel_calls=AUTOTUNE).batch(
+        config.batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -116,12 +146,16 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as directory:
         paths = write_tfrecords(images, labels, directory)
         streams["tfrecord"] = iter(augmented(tfrecord_samples(paths, shuffle_buffer), config))
+        stock = stock_webdataset(data, config, shuffle_buffer)
+        if stock is not None:
+            streams["stock_webdataset"] = iter(stock)
         # Rounds alternate the contenders, so drift of the machine's speed reaches all three alike.
         for round_ in range(args.rounds):
             for name, stream in streams.items():
                 if round_ or name != "pipeline":
                     rates.setdefault(name, []).append(images_per_second(stream, config.batch_size, args.seconds))
-    pipeline, decode_limit, tfrecord = (float(np.median(rates[name])) for name in streams)
+    pipeline, decode_limit, tfrecord = (float(np.median(rates[name])) for name in list(streams)[:3])
+    stock = float(np.median(rates["stock_webdataset"])) if "stock_webdataset" in rates else None
     return {
         "data": args.data,
         "train_samples": data.samples("train"),
@@ -132,6 +166,8 @@ def run(args: argparse.Namespace) -> dict:
         "tfrecord_images_per_s": round(tfrecord),
         "pipeline_vs_decode_limit": round(pipeline / decode_limit, 2),
         "pipeline_vs_tfrecord": round(pipeline / tfrecord, 2),
+        "stock_webdataset_images_per_s": round(stock) if stock else None,
+        "pipeline_vs_stock_webdataset": round(pipeline / stock, 2) if stock else None,
         "peak_rss_mb_before_pipeline": round(rss_before),
         "peak_rss_mb_after_pipeline": round(rss_pipeline),
         "rounds": args.rounds,
@@ -157,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     print(f"pipeline {result['pipeline_images_per_s']} img/s; decode limit {result['decode_limit_images_per_s']} "
           f"({result['pipeline_vs_decode_limit']}x); TFRecord {result['tfrecord_images_per_s']} "
-          f"({result['pipeline_vs_tfrecord']}x); peak RSS {result['peak_rss_mb_after_pipeline']} MB")
+          f"({result['pipeline_vs_tfrecord']}x); stock WebDataset {result['stock_webdataset_images_per_s']} "
+          f"({result['pipeline_vs_stock_webdataset']}x); peak RSS {result['peak_rss_mb_after_pipeline']} MB")
     if args.json:
         print(json.dumps(result))
     return 0
