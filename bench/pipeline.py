@@ -149,13 +149,14 @@ def run(args: argparse.Namespace) -> dict:
         stock = stock_webdataset(data, config, shuffle_buffer)
         if stock is not None:
             streams["stock_webdataset"] = iter(stock)
-        # Rounds alternate the contenders, so drift of the machine's speed reaches all three alike.
+        # Rounds alternate the contenders, so drift of the machine's speed reaches all of them alike.
         for round_ in range(args.rounds):
             for name, stream in streams.items():
                 if round_ or name != "pipeline":
                     rates.setdefault(name, []).append(images_per_second(stream, config.batch_size, args.seconds))
-    pipeline, decode_limit, tfrecord = (float(np.median(rates[name])) for name in list(streams)[:3])
-    stock = float(np.median(rates["stock_webdataset"])) if "stock_webdataset" in rates else None
+    median = {name: float(np.median(values)) for name, values in rates.items()}
+    pipeline, decode_limit, tfrecord = median["pipeline"], median["decode_limit"], median["tfrecord"]
+    stock = median.get("stock_webdataset")
     return {
         "data": args.data,
         "train_samples": data.samples("train"),
