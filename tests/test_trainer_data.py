@@ -14,7 +14,8 @@ import tensorflow as tf
 
 from ingest import synth
 from trainer.augment import PRESETS, AugmentConfig, augment_batch, eval_image, train_image
-from trainer.data import Dataset, DecodeDrops, InputConfig, assign_shards
+from trainer.data import Dataset, InputConfig
+from trainer.epochs import DecodeDrops, assign_shards
 from trainer.shards import ReadStats, StorageGone, parse_tar
 
 from .conftest import run_cli
@@ -64,7 +65,7 @@ def test_epochs_permute_the_shards_the_same_way_on_every_rank():
         assert permutation(4, 3, size) == permutation(4, 3, 1)   # one permutation, however many ranks
     assert permutation(0, 0, 1) != permutation(1, 0, 1) and permutation(0, 0, 1) != permutation(0, 1, 1)
     # Ranks are separate processes: the permutation must not depend on the process (e.g. on hash()).
-    probe = f"from trainer.data import assign_shards; print([n for n, _, _ in assign_shards({names!r}, 4, 3, 1, 2)])"
+    probe = f"from trainer.epochs import assign_shards; print([n for n, _, _ in assign_shards({names!r}, 4, 3, 1, 2)])"
     other = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": "123"})
     assert other.stdout.strip() == str([n for n, _, _ in assign_shards(names, 4, 3, 1, 2)])
@@ -103,6 +104,19 @@ def test_a_stream_started_at_epoch_2_reads_what_the_whole_stream_reads_there(sha
         for (a, y), (b, z) in zip(whole[skipped:], resumed, strict=True):
             assert np.array_equal(a, b) and np.array_equal(y, z)
         assert not np.array_equal(whole[0][0], resumed[0][0])   # epochs differ
+
+
+@pytest.mark.timeout(60)
+def test_a_stream_of_a_million_epochs_starts_at_once_and_reads_what_a_short_one_reads(shards):
+    """A run's stream covers all its epochs (trainer.loop builds it once per run or resume): each
+    epoch is planned when the stream reaches it, not all of them up front."""
+    dataset = Dataset(config(shards, deterministic=True, seed=3))
+    steps = dataset.steps_in_epoch(0, 2) + dataset.steps_in_epoch(1, 2)
+    long = iter(dataset.train(1, 2, 0, 1_000_000))
+    short = list(dataset.train(1, 2, 0, 2))
+    assert len(short) == steps
+    for a, b in zip(short, (next(long) for _ in range(steps)), strict=True):
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
 
 
 @pytest.mark.parametrize("size", [1, 3, 20])

@@ -25,8 +25,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,8 +34,8 @@ import tensorflow as tf
 from ingest.manifest import load_manifest
 from ingest.storage import Location
 
-from . import randomness
 from .augment import AugmentConfig, eval_image, per_image_seeds, train_image
+from .epochs import DecodeDrops, EpochPlan, assign_shards, steps_in_epoch
 from .shards import ReadStats, ShardSource
 
 log = logging.getLogger(__name__)
@@ -90,59 +88,17 @@ def thread_share(local_size: int | None = None) -> int:
     return max(1, available_cpus() // max(1, local_size))
 
 
-def assign_shards(shards: list[str], epoch: int, seed: int, rank: int, size: int,
-                  shuffle: bool = True) -> list[tuple[str, int, int]]:
-    """This rank's (shard, part, parts) for an epoch; the ranks together cover every sample once."""
-    if not 0 <= rank < size:
-        raise ValueError(f"rank {rank} must be in 0..{size - 1}")
-    order = list(shards)
-    if shuffle:
-        random.Random(f"{seed}:{epoch}").shuffle(order)
-    count = len(order)
-    if count == 0:
-        return []
-    if count >= size:
-        return [(name, 0, 1) for name in order[rank::size]]
-    sharing = len(range(rank % count, size, count))
-    return [(order[rank % count], rank // count, sharing)]
-
-
-class DecodeDrops:
-    """Counts the samples of one stream that `ignore_errors` dropped: a batch that failed leaves a
-    gap in the batches' numbers (numbered before `ignore_errors`, seen after it, in order); at the
-    end of a stream meant to come out whole, what entered and never came out (a failed last batch)."""
-
-    def __init__(self, stats: ReadStats, batch_size: int, expected: int | None = None):
-        self.stats, self.batch_size = stats, batch_size
-        self.expected = expected
-        self.entered = expected or 0   # samples meant to come out: read into the stream, or `expected`
-        self.emitted = 0       # samples that came out
-        self.dropped = 0
-        self.next = 0          # the batch number expected next
-        self._lock = threading.Lock()
-
-    def enter(self, count: int) -> None:
-        if self.expected is not None:   # a training epoch reads more than it takes
-            return
-        with self._lock:
-            self.entered += count
-
-    def see(self, number: int, size: int) -> int:
-        if number > self.next:
-            self._drop((number - self.next) * self.batch_size)
-        self.next, self.emitted = number + 1, self.emitted + size
-        return size
-
-    def finish(self) -> None:
-        """At the end of the stream: every sample that entered (or was expected) and did not come out
-        was dropped."""
-        self._drop(self.entered - self.emitted - self.dropped)
-
-    def _drop(self, samples: int) -> None:
-        if samples > 0:
-            self.dropped += samples
-            self.stats.skip("samples", "undecodable", samples)
-            log.warning("a batch failed to decode and was skipped (%d samples)", samples)
+@contextlib.contextmanager
+def _seeded_by_arguments() -> Iterator[None]:
+    """Random ops built inside take their seed from their argument alone, not also from the global
+    seed (tf.random.set_seed): the data order depends on (seed, rank, epoch) only, and a tensor seed
+    works (with a global seed of 0, tf.data would compare the tensor with 0 in Python)."""
+    graph = tf.compat.v1.get_default_graph()
+    saved, graph.seed = graph.seed, None
+    try:
+        yield
+    finally:
+        graph.seed = saved
 
 
 class Dataset:
@@ -182,18 +138,11 @@ class Dataset:
         return steps
 
     def steps_in_epoch(self, epoch: int, size: int) -> int:
-        """The steps every rank runs in `epoch`: the smallest rank's share in whole batches (shares
-        differ by up to a shard), so no rank runs dry and hangs an allreduce; each rank drops the
-        rest of its share, a different remainder each epoch as the order is reshuffled."""
-        counts = {shard["name"]: shard["samples"] for shard in self._split("train")["shards"]}
-        shares = [sum(len(range(part, counts[name], parts))
-                      for name, part, parts in assign_shards(list(counts), epoch, self.config.seed, rank, size))
-                  for rank in range(size)]
-        steps = min(shares) // self.config.batch_size
-        if steps < 1:
-            raise ValueError(f"in epoch {epoch} a rank's share of the train split is {min(shares)} samples, fewer "
-                             f"than one batch ({self.config.batch_size}); use a smaller --batch-size or fewer ranks")
-        return steps
+        """The steps every rank runs in `epoch` (trainer.epochs.steps_in_epoch)."""
+        return steps_in_epoch(self._counts(), epoch, self.config.seed, size, self.config.batch_size)
+
+    def _counts(self) -> dict[str, int]:
+        return {shard["name"]: shard["samples"] for shard in self._split("train")["shards"]}
 
     def _split(self, split: str) -> dict:
         if split not in self.manifest["splits"]:
@@ -227,18 +176,21 @@ class Dataset:
         options.deterministic = self.config.deterministic
         return options
 
-    def _stream(self, assignments: list[tuple[str, int, int]], labelled: bool, drops: DecodeDrops,
+    @staticmethod
+    def _assigned(assignments: list[tuple[str, int, int]]) -> tf.data.Dataset:
+        names, parts, counts = (list(column) for column in zip(*assignments)) if assignments else ([], [], [])
+        return tf.data.Dataset.from_tensor_slices(
+            (tf.constant(names, tf.string), tf.constant(parts, tf.int32), tf.constant(counts, tf.int32)))
+
+    def _stream(self, assignments: tf.data.Dataset, labelled: bool, drops: DecodeDrops | None,
                 split: str) -> tf.data.Dataset:
         """(jpeg, label) samples of the assigned (shard, part, parts), `shards_in_flight` read at once.
         Whole shards go through the parallel read and are cut into samples after it: per sample, the
         hand-over between threads cost 4% of the throughput of 64 px images."""
-        names, parts, counts = (list(column) for column in zip(*assignments)) if assignments else ([], [], [])
-        assignments = tf.data.Dataset.from_tensor_slices(
-            (tf.constant(names, tf.string), tf.constant(parts, tf.int32), tf.constant(counts, tf.int32)))
-
         def shard(name, part, parts) -> tuple:
             samples = self.source.samples(name.numpy().decode(), int(part), int(parts), labelled)
-            drops.enter(len(samples[1]))
+            if drops:
+                drops.enter(len(samples[1]))
             return samples
 
         def read(name, part, parts):
@@ -252,9 +204,10 @@ class Dataset:
         return shards.map(lambda data, offsets, lengths, labels:
                           (tf.strings.substr(data, offsets, lengths), labels)).unbatch()
 
-    def _decode(self, samples: tf.data.Dataset, transform: Callable, drops: DecodeDrops,
+    def _decode(self, samples: tf.data.Dataset, transform: Callable, see: Callable,
                 drop_remainder: bool) -> tf.data.Dataset:
-        """Decode in a parallel map fused with the batch; batches that fail are dropped and counted."""
+        """Decode in a parallel map fused with the batch; batches that fail are dropped and counted
+        by `see(batch number, batch size)`, a graph op (`DecodeDrops.see` through a py_function)."""
         decoded = samples.map(transform, num_parallel_calls=AUTOTUNE, deterministic=self.config.deterministic)
         # ignore_errors after the batch: between them it would stop tf.data fusing the map into the
         # batch, which cost 15% of the throughput. So a bad image costs its batch, all counted.
@@ -262,20 +215,19 @@ class Dataset:
 
         def count(number, batch):
             images, labels = batch
-            seen = tf.py_function(lambda n, b: drops.see(int(n), int(b)), [number, tf.shape(labels)[0]], tf.int64)
-            with tf.control_dependencies([seen]):
+            with tf.control_dependencies([see(number, tf.shape(labels)[0])]):
                 return tf.identity(images), labels
 
         return batches.map(count)
 
     @staticmethod
-    def _counted(drops: DecodeDrops, spec) -> tf.data.Dataset:
-        """No elements: at this point of a stream, `drops` counts what its part lost."""
-        def end() -> Iterator:
-            drops.finish()
+    def _counted(finish: Callable, spec, args: tuple = ()) -> tf.data.Dataset:
+        """No elements: at this point of a stream, `finish(*args)` counts what its part lost."""
+        def end(*values) -> Iterator:
+            finish(*values)
             yield from ()
 
-        return tf.data.Dataset.from_generator(end, output_signature=spec)
+        return tf.data.Dataset.from_generator(end, args=args or None, output_signature=spec)
 
     def _ending(self, batches: tf.data.Dataset, drops: DecodeDrops | None) -> tf.data.Dataset:
         """The stream ends by counting what a whole stream lost (`drops`) and raising the reader's
@@ -285,7 +237,7 @@ class Dataset:
             yield from ()
 
         if drops:
-            batches = batches.concatenate(self._counted(drops, batches.element_spec))
+            batches = batches.concatenate(self._counted(drops.finish, batches.element_spec))
         ending = tf.data.Dataset.from_generator(end, output_signature=batches.element_spec)
         return batches.concatenate(ending).prefetch(AUTOTUNE).with_options(self._options())
 
@@ -297,61 +249,79 @@ class Dataset:
         e's order and per-image crops depend only on (seed, rank, e), so a run resumed at epoch e
         reads what the uninterrupted run read; `start_step` batches of the first epoch are skipped
         before decoding (a resume from a mid-epoch checkpoint)."""
-        names = self._shard_names("train")
-        if not names:
+        if not self._shard_names("train"):
             raise ValueError("the dataset's train split has no shards")
         end_epoch = start_epoch + 1 if end_epoch is None else end_epoch
-        seed, batch, buffer = self.config.seed, self.config.batch_size, self.shuffle_samples("train")
+        batch, buffer = self.config.batch_size, self.shuffle_samples("train")
         size_, augment = self.config.image_size, self.config.augment
+        plan = EpochPlan(self._counts(), self.config.seed, rank, size, batch, self.source.stats, start_epoch,
+                         start_step)
+        plan.steps(start_epoch)   # a share smaller than a batch fails here, not in the stream
 
-        def shuffled(epoch: int, purpose: str, drops: DecodeDrops) -> tf.data.Dataset:
-            return self._stream(assign_shards(names, epoch, seed, rank, size), True, drops, "train").shuffle(
-                buffer, seed=randomness.derive(seed, rank, f"{purpose}-{epoch}") % 2 ** 31)
+        def facts(epoch) -> tuple:
+            epoch = int(epoch)
+            names, parts, counts = zip(*plan.assignments(epoch))
+            return list(names), list(parts), list(counts), plan.steps(epoch), plan.skip(epoch), plan.seeds(epoch)
 
-        def decoded(stream: tf.data.Dataset, epoch: int, start: int, purpose: str,
-                    drops: DecodeDrops) -> tf.data.Dataset:
+        def seeing(epoch: tf.Tensor, purpose: str) -> Callable:
+            def see(number, count):
+                return tf.py_function(lambda e, n, c: plan.drops(int(e), purpose).see(int(n), int(c)),
+                                      [epoch, number, count], tf.int64)
+            return see
+
+        def decoded(stream: tf.data.Dataset, crop_seed: tf.Tensor, start: tf.Tensor, see: Callable):
             if not per_image_seeds(augment):
                 return self._decode(stream, lambda jpeg, label: (train_image(jpeg, None, size_, augment), label),
-                                    drops, drop_remainder=True)
+                                    see, drop_remainder=True)
             # Each image's crop from (this rank's and epoch's seed, its place in the epoch).
-            crop_seed = tf.constant(randomness.derive(seed, rank, f"{purpose}-crop-{epoch}"), tf.int64)
             return self._decode(stream.enumerate(start=start),
                                 lambda index, sample: (train_image(sample[0], tf.stack([crop_seed, index]), size_,
                                                                    augment), sample[1]),
-                                drops, drop_remainder=True)
+                                see, drop_remainder=True)
 
-        def one_epoch(epoch: int, skip: int = 0) -> tf.data.Dataset:
-            steps = self.steps_in_epoch(epoch, size)
-            drops = DecodeDrops(self.source.stats, batch, expected=(steps - skip) * batch)
+        def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
+            with _seeded_by_arguments():
+                return epoch_of(epoch)
+
+        def epoch_of(epoch: tf.Tensor) -> tf.data.Dataset:
+            names, parts, counts, steps, skip, seeds = tf.py_function(
+                facts, [epoch], [tf.string, tf.int32, tf.int32, tf.int64, tf.int64, tf.int64])
+            steps, skip, seeds = tf.ensure_shape(steps, []), tf.ensure_shape(skip, []), tf.ensure_shape(seeds, [4])
+            assigned = tf.data.Dataset.from_tensor_slices((tf.ensure_shape(names, [None]), parts, counts))
+
+            def shuffled(seed: tf.Tensor) -> tf.data.Dataset:
+                return self._stream(assigned, True, None, "train").shuffle(buffer, seed=seed)
+
             # A share left short by skipped shards is read again to fill the epoch: every rank must run
             # the same steps. (An empty share ends the epoch: repeat() stops on an empty input.)
-            stream = shuffled(epoch, "shuffle", drops).repeat().take(steps * batch)
-            if skip:
-                stream = stream.skip(skip * batch)
-            batches = decoded(stream, epoch, skip * batch, "augment", drops)
+            stream = shuffled(seeds[0]).repeat().take(steps * batch).skip(skip * batch)
+            batches = decoded(stream, seeds[2], skip * batch, seeing(epoch, "shuffle"))
             # Batches that failed to decode are replaced from another pass, so the epoch keeps its
             # steps; only then is the spare pass read.
-            spare_drops = DecodeDrops(self.source.stats, batch, expected=steps * batch)
-            spares = decoded(shuffled(epoch, "spare", spare_drops).take(steps * batch), epoch, 0, "spare",
-                             spare_drops)
-            return batches.concatenate(self._counted(drops, batches.element_spec)).concatenate(
-                spares).take(steps - skip)
+            spares = decoded(shuffled(seeds[1]).take(steps * batch), seeds[3], tf.constant(0, tf.int64),
+                             seeing(epoch, "spare"))
+            counted = self._counted(lambda e: plan.drops(int(e), "shuffle").finish(), batches.element_spec,
+                                    (epoch,))
+            return batches.concatenate(counted).concatenate(spares).take(steps - skip)
 
-        # The epochs in order through a parallel interleave of one: it starts the next epoch (reading,
+        # Epoch by epoch through a parallel interleave of one: it starts the next epoch (reading,
         # filling its shuffle buffer, decoding its first batches) while this one is consumed, so short
-        # epochs do not pay for a cold pipeline each (140 ms an epoch of 1,500 images, before).
-        epochs = tf.data.Dataset.from_tensors(one_epoch(start_epoch, start_step))
-        for epoch in range(start_epoch + 1, end_epoch):
-            epochs = epochs.concatenate(tf.data.Dataset.from_tensors(one_epoch(epoch)))
-        stream = epochs.interleave(lambda epoch: epoch, cycle_length=1, num_parallel_calls=1, deterministic=True)
-        return self._ending(stream, None)
+        # epochs do not pay for a cold pipeline each (140 ms an epoch of 1,500 images, before). Each
+        # epoch's facts are computed when the stream reaches it, so any number of epochs is cheap.
+        epochs = tf.data.Dataset.range(start_epoch, end_epoch).interleave(
+            one_epoch, cycle_length=1, num_parallel_calls=1, deterministic=True)
+        return self._ending(epochs, None)
 
     def evaluate(self, split: str = "val", rank: int = 0, size: int = 1) -> tf.data.Dataset:
         """This rank's share of the split, once, in batches (the last one may be smaller)."""
         labelled = self._split(split)["labelled"]
         mine = assign_shards(self._shard_names(split), 0, self.config.seed, rank, size, shuffle=False)
         drops = DecodeDrops(self.source.stats, self.config.batch_size)
+
+        def see(number, count):
+            return tf.py_function(lambda n, c: drops.see(int(n), int(c)), [number, count], tf.int64)
+
         size_, augment = self.config.image_size, self.config.augment
-        return self._ending(self._decode(self._stream(mine, labelled, drops, split),
+        return self._ending(self._decode(self._stream(self._assigned(mine), labelled, drops, split),
                                          lambda jpeg, label: (eval_image(jpeg, size_, augment), label),
-                                         drops, drop_remainder=False), drops)
+                                         see, drop_remainder=False), drops)
