@@ -30,7 +30,7 @@ import fsspec
 
 from ingest import synth
 
-from .servers import S3_TEST_ENV, moto_server
+from .servers import s3_bucket, upload
 
 CHUNK = 8 << 20
 
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with ExitStack() as stack:
         if args.input_url:
-            source = _upload(stack, path, args.input_url)
+            source = upload(stack, path, args.input_url)
         nbytes = input_bytes(source)
         print(f"input: {args.layout}, {images} images, {nbytes / 1e6:.1f} MB, {args.size}px, at {source}; "
               f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
@@ -171,33 +171,12 @@ def main(argv: list[str] | None = None) -> int:
                 out.mkdir(parents=True)
                 results.append(measure("local", source, str(out), args.processes, images, nbytes, args.repeat))
             elif target == "s3":
-                results.append(measure("s3", source, _s3(stack), args.processes, images, nbytes, args.repeat))
+                results.append(measure("s3", source, s3_bucket(stack), args.processes, images, nbytes, args.repeat))
             else:
                 parser.error(f"unknown target {target!r}; use local and/or s3")
     if args.json:
         print(json.dumps(results))
     return 0
-
-
-def _s3(stack: ExitStack, bucket: str = "bench") -> str:
-    """A moto_server bucket (one server per run), with the environment set so that child processes reach it too."""
-    import boto3
-
-    if "AWS_ENDPOINT_URL" not in os.environ:
-        endpoint = stack.enter_context(moto_server(ranged=True))
-        os.environ.update({**S3_TEST_ENV, "AWS_ENDPOINT_URL": endpoint})
-    client = boto3.client("s3")
-    if bucket not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
-        client.create_bucket(Bucket=bucket)
-    return f"s3://{bucket}"
-
-
-def _upload(stack: ExitStack, path: Path, url: str) -> str:
-    bucket = url.removeprefix("s3://").split("/", 1)[0]
-    _s3(stack, bucket)
-    fs, root = fsspec.core.url_to_fs(url)
-    fs.put(f"{path}/", root, recursive=True)
-    return url.rstrip("/")
 
 
 if __name__ == "__main__":

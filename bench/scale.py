@@ -30,7 +30,7 @@ import fsspec
 from ingest import synth
 
 from .faultproxy import fault_proxy
-from .ingest import _s3, _upload
+from .servers import s3_bucket, upload
 
 # Runs the command given as its arguments and prints the peak resident set size (KiB) of its
 # largest process (the command or one of its children) as its last line.
@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as stack:
         source, output, env, proxy = str(path), str(workdir / "scale-out"), {}, None
         if args.input_url:
-            source = _upload(stack, path, args.input_url)
-            output = f"{_s3(stack, 'bench-out')}/scale"
+            source = upload(stack, path, args.input_url)
+            output = f"{s3_bucket(stack, 'bench-out')}/scale"
             proxy = stack.enter_context(fault_proxy(os.environ["AWS_ENDPOINT_URL"]))
             env = {"AWS_ENDPOINT_URL": proxy.url}
         fs, root = fsspec.core.url_to_fs(output)

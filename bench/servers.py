@@ -69,3 +69,27 @@ def _wait_ready(process: subprocess.Popen, url: str, timeout: float) -> None:
             if time.monotonic() > deadline or process.poll() is not None:
                 raise RuntimeError(f"{process.args[0]} did not answer at {url}") from None
             time.sleep(0.2)
+
+
+def s3_bucket(stack: contextlib.ExitStack, bucket: str = "bench") -> str:
+    """A bucket on a moto_server (one server per run, bench.moto_ranged's), with the environment set
+    so that child processes reach it too; an AWS_ENDPOINT_URL already set is used instead."""
+    import boto3
+
+    if "AWS_ENDPOINT_URL" not in os.environ:
+        endpoint = stack.enter_context(moto_server(ranged=True))
+        os.environ.update({**S3_TEST_ENV, "AWS_ENDPOINT_URL": endpoint})
+    client = boto3.client("s3")
+    if bucket not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
+        client.create_bucket(Bucket=bucket)
+    return f"s3://{bucket}"
+
+
+def upload(stack: contextlib.ExitStack, path: Path, url: str) -> str:
+    """The directory `path` copied to the S3 `url` (its bucket made by s3_bucket)."""
+    import fsspec
+
+    s3_bucket(stack, url.removeprefix("s3://").split("/", 1)[0])
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.put(f"{path}/", root, recursive=True)
+    return url.rstrip("/")

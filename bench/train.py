@@ -1,17 +1,21 @@
-"""Training throughput with 1 and 2 Horovod processes in the same run, and the share of step
-time spent waiting for data (target < 5%).
+"""Training throughput with 1 and 2 Horovod processes in the same run, the share of step time
+spent waiting for data (target < 5%), and the same training on batches already in memory.
 
-    python -m bench.train [--models model2,resnet18] [--epochs 2] [--json]
+    python -m bench.train [--models model2,resnet18] [--epochs 2] [--rounds 3] [--json]
 
 Runs `horovodrun -np {1,2} --gloo python -m trainer.train` on a synthetic TinyImageNet-layout set
 (ingested first) and reads each run's results.json. The first epoch includes tf.function tracing,
-so the figures are of the last epoch.
+so the figures are of the last epoch. Then, in this process, one trainer (trainer.loop.Trainer, one
+worker) trains epochs alternately from the real pipeline and from one epoch's batches held in
+memory (the same train step, so the ratio is what the input pipeline costs the training).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,6 +48,39 @@ def train(shards: Path, output: Path, model: str, workers: int, epochs: int, bat
             "data_wait_share": round(last["data_wait_share"], 4)}
 
 
+def against_memory(shards: Path, model: str, batch_size: int, rounds: int) -> dict:
+    """Training images/s of one worker from the pipeline and from batches in memory, alternating
+    epochs (after one epoch of tracing); medians."""
+    from trainer.quiet import import_tensorflow
+
+    import_tensorflow()
+    from trainer import dist, loop
+    from trainer.config import TrainConfig
+    from trainer.models import ModelConfig
+
+    config = TrainConfig(data=str(shards), output=str(shards.parent / "memory"), model=ModelConfig(model),
+                         batch_size=batch_size, epochs=2 * rounds + 2, stall_timeout=0)
+    trainer = loop.Trainer(config, dist.init())
+    trainer.start_stream(0)
+    pipeline = trainer.train_stream
+    held = list(itertools.islice(iter(trainer.data.train(0, 1, 0, 1)), trainer.data.steps_in_epoch(0, 1)))
+    trainer.train_epoch(0)   # tracing
+    rates: dict[str, list[float]] = {"pipeline": [], "memory": []}
+    waits = []
+    for epoch in range(1, rounds + 1):
+        trainer.train_stream = pipeline
+        *_, rate, wait = trainer.train_epoch(epoch)
+        rates["pipeline"].append(rate)
+        waits.append(wait)
+        trainer.train_stream = itertools.cycle(held)
+        rates["memory"].append(trainer.train_epoch(epoch)[3])
+    pipeline_rate, memory_rate = (statistics.median(rates[name]) for name in ("pipeline", "memory"))
+    return {"model": model, "batch_size": batch_size, "pipeline_images_per_second": round(pipeline_rate, 1),
+            "memory_images_per_second": round(memory_rate, 1),
+            "pipeline_vs_memory": round(pipeline_rate / memory_rate, 3),
+            "data_wait_share": round(statistics.median(waits), 4)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="model2,resnet18", help="comma-separated models (default model2,resnet18)")
@@ -51,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64, help="per worker (default 64)")
     parser.add_argument("--classes", type=int, default=20, help="synthetic classes (default 20)")
     parser.add_argument("--train-per-class", type=int, default=100, help="synthetic train images per class")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="epochs from the pipeline and from memory each, alternating, per model (default 3)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
     args = parser.parse_args(argv)
     results = []
@@ -64,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{model:9s} {workers} worker(s): {result['images_per_second_per_worker']} img/s per worker, "
                       f"{result['images_per_second_total']} total, {100 * result['data_wait_share']:.1f}% waiting "
                       f"for data")
+        for model in args.models.split(","):
+            result = against_memory(shards, model, args.batch_size, args.rounds)
+            results.append(result)
+            print(f"{model:9s} 1 worker, in this process: {result['pipeline_images_per_second']} img/s from the "
+                  f"pipeline, {result['memory_images_per_second']} from batches in memory "
+                  f"({result['pipeline_vs_memory']}x), {100 * result['data_wait_share']:.1f}% waiting for data")
     print(f"machine: {os.cpu_count()} CPUs")
     if args.json:
         print(json.dumps(results))
