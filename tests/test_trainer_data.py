@@ -119,6 +119,14 @@ def test_a_stream_of_a_million_epochs_starts_at_once_and_reads_what_a_short_one_
         assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
 
 
+def test_a_clean_dataset_read_for_many_epochs_loses_nothing(shards):
+    """No batch fails, so none may be counted as dropped, however the epochs overlap in the stream."""
+    dataset = Dataset(config(shards, batch_size=1))
+    batches = sum(1 for _ in dataset.train(0, 1, 0, 6))
+    assert batches == sum(dataset.steps_in_epoch(epoch, 1) for epoch in range(6))
+    assert dataset.source.stats.snapshot()[2] == {}
+
+
 @pytest.mark.parametrize("size", [1, 3, 20])
 def test_evaluation_reads_each_sample_once_over_all_ranks(shards, size):
     dataset = Dataset(config(shards))
