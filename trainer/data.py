@@ -45,6 +45,8 @@ AUTOTUNE = tf.data.AUTOTUNE
 MB = 1 << 20
 # More shards in flight than this gained nothing measurable (docs/benchmarks.md) and costs threads.
 MAX_IN_FLIGHT = 8
+# Epochs of a small data set opened ahead: enough to hide an epoch's start (docs/benchmarks.md).
+MAX_EPOCHS_AHEAD = 4
 
 
 @dataclass
@@ -165,8 +167,20 @@ class Dataset:
         return max(self.config.batch_size, int(self.config.shuffle_mb * MB / self._mean_bytes(split, "samples")))
 
     def shards_in_flight(self, split: str = "train") -> int:
-        """Shards read at once: `read_ahead_mb` over the split's mean shard size, 1..MAX_IN_FLIGHT."""
-        return max(1, min(MAX_IN_FLIGHT, int(self.config.read_ahead_mb * MB // self._mean_bytes(split, "shards"))))
+        """Shards read ahead of the one being cut into samples: `read_ahead_mb` over the split's mean
+        shard size, at most MAX_IN_FLIGHT; 0 (each shard read when the stream needs it) when a shard
+        is bigger than `read_ahead_mb`: memory first, as one shard is already held whole."""
+        return min(MAX_IN_FLIGHT, int(self.config.read_ahead_mb * MB // self._mean_bytes(split, "shards")))
+
+    def epochs_ahead(self, size: int) -> int:
+        """Epochs a training stream opens before the current one ends, so that an epoch does not
+        start cold: as many as fit in `read_ahead_mb` with a rank's share of the split (a small data
+        set's epochs are short), at least 1, at most MAX_EPOCHS_AHEAD; 0 when shards are bigger
+        than `read_ahead_mb` (another open epoch would hold another one)."""
+        if not self.shards_in_flight("train"):
+            return 0
+        share = self._mean_bytes("train", "shards") * len(self._shard_names("train")) / size
+        return max(1, min(MAX_EPOCHS_AHEAD, int(self.config.read_ahead_mb * MB // max(share, 1.0))))
 
     def _options(self) -> tf.data.Options:
         """This rank's own thread pool, its share of the node's cores: ranks on one node do not
@@ -201,7 +215,8 @@ class Dataset:
             return data, tf.ensure_shape(offsets, [None]), tf.ensure_shape(lengths, [None]), labels
 
         in_flight = self.shards_in_flight(split)
-        shards = assignments.map(read, num_parallel_calls=in_flight, deterministic=self.config.deterministic)
+        shards = (assignments.map(read, num_parallel_calls=in_flight, deterministic=self.config.deterministic)
+                  if in_flight else assignments.map(read))
         return shards.map(lambda data, offsets, lengths, labels:
                           (tf.strings.substr(data, offsets, lengths), labels)).unbatch()
 
@@ -256,8 +271,9 @@ class Dataset:
         end_epoch = start_epoch + 1 if end_epoch is None else end_epoch
         batch, buffer = self.config.batch_size, self.shuffle_samples("train")
         size_, augment = self.config.image_size, self.config.augment
+        ahead = self.epochs_ahead(size)
         plan = EpochPlan(self._counts(), self.config.seed, rank, size, batch, self.source.stats, start_epoch,
-                         start_step)
+                         start_step, ahead)
         plan.steps(start_epoch)   # a share smaller than a batch fails here, not in the stream
 
         def facts(epoch) -> tuple:
@@ -306,14 +322,14 @@ class Dataset:
                                     (epoch,))
             return batches.concatenate(counted).concatenate(spares).take(steps - skip)
 
-        # Epoch by epoch through a parallel interleave of one that opens one epoch ahead: it starts
-        # the next epoch (reading, filling its shuffle buffer, decoding its first batches) while this
-        # one is consumed, so short epochs do not pay for a cold pipeline each (140 ms an epoch of
-        # 1,500 images, before). Dataset.interleave would open two ahead: three shuffle buffers.
-        # Each epoch's facts are computed when the stream reaches it, so any number of epochs is cheap.
+        # Epoch by epoch through a parallel interleave of one that opens `epochs_ahead` epochs ahead:
+        # the next epoch reads, fills its shuffle buffer and decodes its first batches while this one
+        # is consumed, so short epochs do not start cold (140 ms an epoch of 1,500 images, before).
+        # Dataset.interleave would open two ahead whatever their size. Each epoch's facts are
+        # computed when the stream reaches it, so any number of epochs is cheap.
         epochs = interleave_op._ParallelInterleaveDataset(
             tf.data.Dataset.range(start_epoch, end_epoch), one_epoch, cycle_length=1, block_length=1,
-            num_parallel_calls=1, prefetch_input_elements=1, deterministic=True)
+            num_parallel_calls=1, prefetch_input_elements=ahead, deterministic=True)
         return self._ending(epochs, None)
 
     def evaluate(self, split: str = "val", rank: int = 0, size: int = 1) -> tf.data.Dataset:

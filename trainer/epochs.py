@@ -101,6 +101,7 @@ class EpochPlan:
     stats: ReadStats
     start_epoch: int = 0
     start_step: int = 0
+    ahead: int = 1              # epochs the stream opens before the current one ends
     _drops: dict[tuple[int, str], DecodeDrops] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -120,12 +121,12 @@ class EpochPlan:
         return [derived[0] % 2 ** 31, derived[1] % 2 ** 31, derived[2], derived[3]]
 
     def drops(self, epoch: int, purpose: str) -> DecodeDrops:
-        """The counter of the epoch's main ("shuffle") or spare pass; counters of epochs two behind
-        are forgotten (a stream reads at most this epoch and starts the next)."""
+        """The counter of the epoch's main ("shuffle") or spare pass. A stream has at most `ahead` + 1
+        epochs open, so a counter older than that is forgotten: its epoch has ended."""
         with self._lock:
             key = (epoch, purpose)
             if key not in self._drops:
-                for old in [k for k in self._drops if k[0] < epoch - 1]:
+                for old in [k for k in self._drops if k[0] < epoch - self.ahead - 1]:
                     del self._drops[old]
                 steps = self.steps(epoch)
                 expected = (steps - self.skip(epoch)) * self.batch_size if purpose == "shuffle" else \
