@@ -40,8 +40,9 @@ def in_memory_samples(data: Dataset, split: str) -> tuple[list[bytes], list[int]
     return images, labels
 
 
-def augmented(samples: tf.data.Dataset, config: InputConfig) -> tf.data.Dataset:
-    """The pipeline's own per-image work + batch, applied to a baseline's sample stream."""
+def augmented(samples: tf.data.Dataset, config: InputConfig, stored: tuple[int, int] | None) -> tf.data.Dataset:
+    """The pipeline's own per-image work + batch, applied to a baseline's sample stream; `stored`:
+    the split's one image size, when the manifest records it (then 64 px is decode_jpeg alone)."""
     size, augment = config.image_size, config.augment
     if per_image_seeds(augment):   # random-resized-crop: a seed per image
         seeds = tf.data.Dataset.random(seed=0).batch(2)
@@ -49,7 +50,7 @@ def augmented(samples: tf.data.Dataset, config: InputConfig) -> tf.data.Dataset:
             lambda sample, s: (train_image(sample[0], s, size, augment), sample[1]),
             num_parallel_calls=AUTOTUNE, deterministic=False)
     else:
-        decoded = samples.map(lambda jpeg, label: (train_image(jpeg, None, size, augment), label),
+        decoded = samples.map(lambda jpeg, label: (train_image(jpeg, None, size, augment, stored), label),
                               num_parallel_calls=AUTOTUNE, deterministic=False)
     return decoded.batch(config.batch_size, drop_remainder=True).prefetch(AUTOTUNE)
 

@@ -1,6 +1,7 @@
 """The streaming input pipeline against two baselines measured in the same run, on the same images:
 
-- decode limit: the per-image work alone (`trainer.augment.train_image`: decode, or for
+- decode limit: the per-image work alone (`trainer.augment.train_image`: decode_jpeg when the
+  manifest says every image already has the model's size, decode + resize otherwise, or for
   random-resized-crop decode_and_crop + resize) over the JPEG bytes held in memory, uint8, batched;
 - TFRecord: the same images written as TFRecord files (local disk) and read by TFRecordDataset
   with the same per-image work: the incumbent TensorFlow way;
@@ -31,6 +32,15 @@ from trainer.config import AUGMENT_PRESETS
 
 from .servers import upload
 
+def per_image_work(config, stored: tuple[int, int] | None) -> str:
+    """What the decode limit does per image: the pipeline's unavoidable work."""
+    if config.augment.enabled and config.augment.crop == "resized":
+        return "decode_and_crop_jpeg + resize"
+    if stored == (config.image_size, config.image_size):
+        return "decode_jpeg"
+    return "decode_jpeg + resize" if stored else "decode_jpeg + resize where the size differs (tf.cond)"
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -57,6 +67,7 @@ def run(args: argparse.Namespace, local: str) -> dict:
     data = Dataset(config)
     local_data = Dataset(dataclasses.replace(config, data=local)) if local != args.data else data
     shuffle_buffer = data.shuffle_samples("train")
+    stored = data.image_size("train")
     rss_before = peak_rss_mb()
     streams = {"pipeline": iter(data.train(0, 1, 0, 10_000))}   # as training reads it, epoch after epoch
     rates: dict[str, list[float]] = {"pipeline": [images_per_second(streams["pipeline"], config.batch_size,
@@ -64,10 +75,10 @@ def run(args: argparse.Namespace, local: str) -> dict:
     rss_pipeline = peak_rss_mb()   # before the baselines load their images into memory
     images, labels = in_memory_samples(local_data, "train")
     in_memory = tf.data.Dataset.from_tensor_slices((images, labels)).repeat()
-    streams["decode_limit"] = iter(augmented(in_memory, config))
+    streams["decode_limit"] = iter(augmented(in_memory, config, stored))
     with tempfile.TemporaryDirectory() as directory:
         paths = write_tfrecords(images, labels, directory)
-        streams["tfrecord"] = iter(augmented(tfrecord_samples(paths, shuffle_buffer), config))
+        streams["tfrecord"] = iter(augmented(tfrecord_samples(paths, shuffle_buffer), config, stored))
         stock = stock_webdataset(local_data, config, shuffle_buffer)
         if stock is not None:
             streams["stock_webdataset"] = iter(stock)
@@ -83,6 +94,7 @@ def run(args: argparse.Namespace, local: str) -> dict:
         "data": args.data,
         "train_samples": data.samples("train"),
         "image_size": config.image_size,
+        "per_image_work": per_image_work(config, stored),
         "mean_jpeg_bytes": round(float(np.mean([len(i) for i in images]))),
         "pipeline_images_per_s": round(pipeline),
         "decode_limit_images_per_s": round(decode_limit),

@@ -31,7 +31,7 @@ def build_manifest(plan: dict, entries: dict[str, dict]) -> dict:
         shards = []
         for name in info["shards"]:
             entry = entries[name]
-            shards.append({k: entry[k] for k in ("name", "samples", "bytes", "sha256")})
+            shards.append({k: entry[k] for k in ("name", "samples", "bytes", "sha256", "image_size") if k in entry})
             reencoded.update(entry["reencoded"])
             rejected += entry["rejected"]
         splits[split] = {"samples": sum(s["samples"] for s in shards), "labelled": info["labelled"], "shards": shards}
@@ -150,4 +150,8 @@ def _shard_problem(shard: object, seen: set[str]) -> str | None:
         return f"shard {name}: samples and bytes must be counts"
     if not isinstance(shard.get("sha256"), str) or not _SHA256.match(shard["sha256"]):
         return f"shard {name}: sha256 is not a hex digest"
+    size = shard.get("image_size")
+    if size is not None and not (isinstance(size, list) and len(size) == 2
+                                 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+        return f"shard {name}: image_size must be [height, width] in pixels"
     return None

@@ -44,6 +44,7 @@ def build_shard(shard: ShardPlan, reader: InputReader, settings: ImageSettings) 
     reencoded: Counter[str] = Counter()
     rejected: list[dict] = []
     keys = hashlib.sha256()
+    sizes: set[tuple[int, int]] = set()
     for sample, data in zip(shard.samples, reader.read_all(shard.samples)):
         try:
             if isinstance(data, Exception):
@@ -55,6 +56,7 @@ def build_shard(shard: ShardPlan, reader: InputReader, settings: ImageSettings) 
             continue
         if image.reencoded:
             reencoded[image.reencoded] += 1
+        sizes.add((image.height, image.width))
         for name, payload in _members(sample, image):
             tar.add(name, payload)
         keys.update(f"{sample.key}\t{sample.label}\n".encode())
@@ -66,6 +68,8 @@ def build_shard(shard: ShardPlan, reader: InputReader, settings: ImageSettings) 
         "reencoded": dict(sorted(reencoded.items())),
         "rejected": rejected,
     }
+    if len(sizes) == 1:   # the trainer skips resizing a split whose images all have the model's size
+        entry["image_size"] = list(sizes.pop())
     return tar.getvalue(), entry
 
 

@@ -495,3 +495,22 @@ if __name__ == "__main__":
 
     shard.ShardRunner.results = results_then_pause
     sys.exit(shard.main(sys.argv[2:]))
+
+
+@pytest.mark.parametrize("resize", [None, "20"])
+def test_a_shard_records_the_image_size_its_images_share(tiny, tmp_path, resize):
+    """The trainer skips its per-image size check for a split whose shards all say its model's size."""
+    from trainer.shards import parse_tar
+
+    ingest(tiny[1], tmp_path / "out", "--processes", "1", *(["--resize", resize] if resize else []))
+    manifest, _ = read_dataset(str(tmp_path / "out"))
+    recorded = []
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            data = (tmp_path / "out" / shard["name"]).read_bytes()
+            sizes = {(meta["height"], meta["width"]) for meta in
+                     (json.loads(data[start:end]) for spans in parse_tar(data).values()
+                      for start, end in [spans["json"]])}
+            assert shard.get("image_size") == (list(sizes.pop()) if len(sizes) == 1 else None)
+            recorded.append(shard.get("image_size"))
+    assert [32, 32] in recorded if resize is None else [20, 20] in recorded

@@ -127,6 +127,21 @@ def test_a_clean_dataset_read_for_many_epochs_loses_nothing(shards):
     assert dataset.source.stats.snapshot()[2] == {}
 
 
+@pytest.mark.parametrize("image_size", [32, 24])
+def test_images_are_the_same_whether_or_not_the_manifest_knows_their_size(shards, image_size):
+    """A split whose shards record one image size skips the per-image size check: same pixels."""
+    known = Dataset(config(shards, deterministic=True, image_size=image_size))
+    unknown = Dataset(config(shards, deterministic=True, image_size=image_size))
+    for split in unknown.manifest["splits"].values():
+        for shard in split["shards"]:
+            shard.pop("image_size")
+    assert known.image_size("train") == (32, 32) and unknown.image_size("train") is None
+    for a, b in zip(list(known.train(0, 1, 0, 1)) + list(known.evaluate()),
+                    list(unknown.train(0, 1, 0, 1)) + list(unknown.evaluate()), strict=True):
+        assert a[0].shape[1:3] == (image_size, image_size)
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
 @pytest.mark.parametrize("size", [1, 3, 20])
 def test_evaluation_reads_each_sample_once_over_all_ranks(shards, size):
     dataset = Dataset(config(shards))

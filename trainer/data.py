@@ -162,6 +162,13 @@ class Dataset:
         count = info["samples"] if per == "samples" else len(info["shards"])
         return max(1.0, sum(shard["bytes"] for shard in info["shards"]) / max(1, count))
 
+    def image_size(self, split: str) -> tuple[int, int] | None:
+        """(height, width) of every image of the split when ingest recorded one size for all of its
+        shards (TinyImageNet's 64 x 64), else None."""
+        sizes = {tuple(shard.get("image_size") or ()) for shard in self._split(split)["shards"]}
+        size = sizes.pop() if len(sizes) == 1 else ()
+        return size if len(size) == 2 else None
+
     def shuffle_samples(self, split: str = "train") -> int:
         """The shuffle buffer in samples: `shuffle_mb` over the split's mean bytes per sample (at
         least one batch)."""
@@ -274,7 +281,7 @@ class Dataset:
             raise ValueError("the dataset's train split has no shards")
         end_epoch = start_epoch + 1 if end_epoch is None else end_epoch
         batch, buffer = self.config.batch_size, self.shuffle_samples("train")
-        size_, augment = self.config.image_size, self.config.augment
+        size_, augment, stored = self.config.image_size, self.config.augment, self.image_size("train")
         ahead = self.epochs_ahead(size)
         plan = EpochPlan(self._counts(), self.config.seed, rank, size, batch, self.source.stats, start_epoch,
                          start_step, ahead)
@@ -293,7 +300,7 @@ class Dataset:
 
         def decoded(stream: tf.data.Dataset, crop_seed: tf.Tensor, start: tf.Tensor, see: Callable):
             if not per_image_seeds(augment):
-                return self._decode(stream, lambda jpeg, label: (train_image(jpeg, None, size_, augment), label),
+                return self._decode(stream, lambda jpeg, label: (train_image(jpeg, None, size_, augment, stored), label),
                                     see, drop_remainder=True)
             # Each image's crop from (this rank's and epoch's seed, its place in the epoch).
             return self._decode(stream.enumerate(start=start),
@@ -347,5 +354,5 @@ class Dataset:
 
         size_, augment = self.config.image_size, self.config.augment
         return self._ending(self._decode(self._stream(self._assigned(mine), labelled, drops, split),
-                                         lambda jpeg, label: (eval_image(jpeg, size_, augment), label),
+                                         lambda jpeg, label: (eval_image(jpeg, size_, augment, self.image_size(split)), label),
                                          see, drop_remainder=False), drops)
