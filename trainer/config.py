@@ -84,7 +84,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     early_stopping_patience: int | None = None  # epochs without a better val top-5
     shuffle_mb: int = 128                       # shuffle buffer per rank, MB of samples
-    read_ahead_mb: int = 128                    # shards being read at once per rank, MB (at least one)
+    read_ahead_mb: int = 128                    # shards read ahead per rank, MB (none when one is bigger)
     jit_compile: bool = False                   # XLA for the step's augmentation, forward and backward pass
     mixed_precision: bool = False
     seed: int = 0                               # of weights, data order, augmentation and dropout

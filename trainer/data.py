@@ -11,7 +11,9 @@ whole stream from e on (exact resume). Evaluation reads each rank's share of the
 Per image the CPU only fetches, checks and decodes (and, for random-resized-crop, decodes the crop
 window and resizes it: trainer.augment); the batched augmentation runs in the train step.
 Memory is bounded in bytes: the shuffle buffer holds `shuffle_mb` of samples and `read_ahead_mb`
-of shards are read at once (at least one shard), both converted with the split's mean sizes.
+of shards are read ahead, both converted with the split's mean sizes; one shard is always held
+whole (it is verified before use), and a shard bigger than `read_ahead_mb` is read only when
+needed, with no epoch opened ahead.
 
 Shards are checked against the manifest's sha256 when read, so a damaged shard is skipped whole.
 An image that still fails to decode makes its batch fail; `ignore_errors` drops that batch, its
@@ -56,7 +58,7 @@ class InputConfig:
     image_size: int = 64                    # model input side
     batch_size: int = 128                   # per rank
     shuffle_mb: int = 128                   # shuffle buffer, MB of samples
-    read_ahead_mb: int = 128                # shards being read at once, MB (at least one shard)
+    read_ahead_mb: int = 128                # shards read ahead, MB (none when one is bigger)
     seed: int = 0
     deterministic: bool = False             # same seed -> same order on each rank (slower)
     augment: AugmentConfig = field(default_factory=AugmentConfig)

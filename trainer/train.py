@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--shuffle-mb", type=int, metavar="MB",
         help="shuffle buffer per rank in MB of samples (the split's mean sample size converts it; default 128)")
     add("--read-ahead-mb", type=int, metavar="MB",
-        help="shards read at once per rank, in MB (at least one shard, at most 8; default 128)")
+        help="shards read ahead per rank, in MB (at most 8; default 128); bigger shards are read when needed")
     add("--jit-compile", action=argparse.BooleanOptionalAction, default=None,
         help="compile each step's forward and backward pass with XLA (default off)")
     add("--seed", type=int, help="seed of weights, data order, augmentation and dropout (default 0)")
