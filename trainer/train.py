@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--mixed-precision", action=argparse.BooleanOptionalAction, default=None,
         help="compute in float16 on GPUs (with loss scaling) or bfloat16 on CPUs; weights stay float32")
     add("--shuffle-mb", type=int, metavar="MB",
-        help="shuffle buffer per rank in MB of samples (the split's mean sample size converts it; default 128)")
+        help="shuffle buffer per rank in MB of samples (the split's mean sample size converts it; at most "
+             "10,000 samples; default 128)")
     add("--read-ahead-mb", type=int, metavar="MB",
         help="shards read ahead per rank, in MB (at most 8; default 128); bigger shards are read when needed")
     add("--jit-compile", action=argparse.BooleanOptionalAction, default=None,
