@@ -48,8 +48,14 @@ demo: setup
 	@echo "learning curves: $(DEMO)/run/curves.png"
 	@echo "TensorBoard:     $(BIN)/tensorboard --logdir $(DEMO)/run/tensorboard"
 
+# The input pipeline runs on a 30,000-image 64 px set in bench-data/ (docs/benchmarks.md has the rest).
 bench: setup
 	$(BIN)/python -m bench.ingest
+	rm -rf bench-data
+	$(BIN)/python -m ingest.synth --output bench-data/tiny --classes 100 --train-per-class 300 --val-per-class 2
+	$(BIN)/python -m ingest.shard --input bench-data/tiny --output bench-data/shards --processes 2
+	$(BIN)/python -m bench.pipeline --data bench-data/shards
+	$(BIN)/python -m bench.train --models model2
 
 # Known vulnerabilities of every installed distribution; accepted ones: deploy/audit/accepted.txt. pip-audit
 # --strict fails unless it audited everything; where its services are out of reach (PyPI's per-version API,

@@ -7,11 +7,13 @@ Runs `horovodrun -np {1,2} --gloo python -m trainer.train` on a synthetic TinyIm
 (ingested first) and reads each run's results.json. The first epoch includes tf.function tracing,
 so the figures are of the last epoch. Then, in this process, one trainer (trainer.loop.Trainer, one
 worker) trains epochs alternately from the real pipeline and from one epoch's batches held in
-memory (the same train step, so the ratio is what the input pipeline costs the training).
+memory (the same train step, so the ratio is what the input pipeline costs the training), and a
+second one with its step compiled by XLA (--jit-compile) from the same batches in memory.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -49,8 +51,9 @@ def train(shards: Path, output: Path, model: str, workers: int, epochs: int, bat
 
 
 def against_memory(shards: Path, model: str, batch_size: int, rounds: int) -> dict:
-    """Training images/s of one worker from the pipeline and from batches in memory, alternating
-    epochs (after one epoch of tracing); medians."""
+    """Training images/s of one worker from the pipeline and from batches in memory, and from memory
+    with the step compiled by XLA (--jit-compile), alternating epochs after one epoch of tracing
+    each; medians."""
     from trainer.quiet import import_tensorflow
 
     import_tensorflow()
@@ -60,12 +63,16 @@ def against_memory(shards: Path, model: str, batch_size: int, rounds: int) -> di
 
     config = TrainConfig(data=str(shards), output=str(shards.parent / "memory"), model=ModelConfig(model),
                          batch_size=batch_size, epochs=2 * rounds + 2, stall_timeout=0)
-    trainer = loop.Trainer(config, dist.init())
+    workers = dist.init()
+    trainer = loop.Trainer(config, workers)
+    compiled = loop.Trainer(dataclasses.replace(config, jit_compile=True), workers)
     trainer.start_stream(0)
     pipeline = trainer.train_stream
     held = list(itertools.islice(iter(trainer.data.train(0, 1, 0, 1)), trainer.data.steps_in_epoch(0, 1)))
     trainer.train_epoch(0)   # tracing
-    rates: dict[str, list[float]] = {"pipeline": [], "memory": []}
+    compiled.train_stream = itertools.cycle(held)
+    compiled.train_epoch(0)
+    rates: dict[str, list[float]] = {"pipeline": [], "memory": [], "memory_xla": []}
     waits = []
     for epoch in range(1, rounds + 1):
         trainer.train_stream = pipeline
@@ -74,10 +81,12 @@ def against_memory(shards: Path, model: str, batch_size: int, rounds: int) -> di
         waits.append(wait)
         trainer.train_stream = itertools.cycle(held)
         rates["memory"].append(trainer.train_epoch(epoch)[3])
-    pipeline_rate, memory_rate = (statistics.median(rates[name]) for name in ("pipeline", "memory"))
-    return {"model": model, "batch_size": batch_size, "pipeline_images_per_second": round(pipeline_rate, 1),
-            "memory_images_per_second": round(memory_rate, 1),
-            "pipeline_vs_memory": round(pipeline_rate / memory_rate, 3),
+        rates["memory_xla"].append(compiled.train_epoch(epoch)[3])
+    median = {name: statistics.median(values) for name, values in rates.items()}
+    return {"model": model, "batch_size": batch_size,
+            **{f"{name}_images_per_second": round(rate, 1) for name, rate in median.items()},
+            "pipeline_vs_memory": round(median["pipeline"] / median["memory"], 3),
+            "xla_vs_memory": round(median["memory_xla"] / median["memory"], 3),
             "data_wait_share": round(statistics.median(waits), 4)}
 
 
@@ -108,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
             print(f"{model:9s} 1 worker, in this process: {result['pipeline_images_per_second']} img/s from the "
                   f"pipeline, {result['memory_images_per_second']} from batches in memory "
-                  f"({result['pipeline_vs_memory']}x), {100 * result['data_wait_share']:.1f}% waiting for data")
+                  f"({result['pipeline_vs_memory']}x), {100 * result['data_wait_share']:.1f}% waiting for data; "
+                  f"with --jit-compile {result['memory_xla_images_per_second']} from memory ({result['xla_vs_memory']}x)")
     print(f"machine: {os.cpu_count()} CPUs")
     if args.json:
         print(json.dumps(results))
