@@ -99,6 +99,9 @@ class Trainer:
         self.optimizer.build(self.model.trainable_variables)
         self.loss_fn = optim.build_loss(config, self.data.num_classes)
         self.eval_step = evaluation.eval_step(self.model)
+        if config.jit_compile and workers.is_chief and not tf.config.list_physical_devices("GPU"):
+            log.warning("--jit-compile without a GPU: XLA's CPU backend ran model2's step 7x slower than "
+                        "without it (docs/benchmarks.md); it is meant for GPUs")
         self.gradients = (tf.function(self._gradients, jit_compile=True) if config.jit_compile
                           else self._gradients)
         self.train_stream = None
