@@ -352,6 +352,47 @@ def test_an_image_that_fails_to_decode_is_skipped_and_counted(shards, tmp_path):
     assert train_stats.skipped_samples["undecodable"] >= 8
 
 
+def _garbled(shards, tmp_path, every: int):
+    """A copy of the dataset whose every `every`-th train image (in each shard) cannot be decoded,
+    with the manifest's sha256 updated, as if ingest had written them so."""
+    import hashlib
+    import json
+    import shutil
+
+    damaged = tmp_path / f"garbled-{every}"
+    shutil.copytree(shards, damaged)
+    manifest = json.loads((damaged / "manifest.json").read_text())
+
+    def garble(data, members):
+        for _, spans in sorted(members.items())[::every]:
+            start, end = spans["jpg"]
+            data[start:end] = b"\xff\xd8" + b"\x00" * (end - start - 4) + b"\xff\xd9"
+
+    for shard in manifest["splits"]["train"]["shards"]:
+        shard["sha256"] = hashlib.sha256(_damage(damaged, shard["name"], garble)).hexdigest()
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    return damaged
+
+
+@pytest.mark.parametrize("size", [1, 2])
+def test_an_epoch_keeps_its_steps_when_most_of_its_batches_fail(shards, tmp_path, size):
+    """Two images in each shard of 7 undecodable: ~64% of the batches of 3 fail; one spare pass could
+    not refill an epoch, three do."""
+    dataset = Dataset(config(_garbled(shards, tmp_path, 5), batch_size=3, deterministic=True))
+    for rank in range(size):
+        for epoch in range(3):
+            assert sum(1 for _ in dataset.train(rank, size, epoch)) == dataset.steps_in_epoch(epoch, size)
+    assert dataset.source.stats.skipped_samples["undecodable"] > 0
+
+
+def test_a_share_too_damaged_to_fill_an_epoch_ends_the_stream_with_the_reason(shards, tmp_path):
+    from trainer.epochs import EpochShort
+
+    dataset = Dataset(config(_garbled(shards, tmp_path, 1)))   # no image decodes
+    with pytest.raises(EpochShort, match="epoch 0: only 0 of the .* batches"), dataset.reader_errors():
+        list(dataset.train(0, 1, 0, 3))
+
+
 def test_decode_drops_count_the_batches_missing_from_the_numbers_and_what_never_came():
     stats = ReadStats()
     drops = DecodeDrops(stats, batch_size=8)

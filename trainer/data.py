@@ -39,7 +39,7 @@ from ingest.manifest import load_manifest
 from ingest.storage import Location
 
 from .augment import AugmentConfig, eval_image, per_image_seeds, train_image
-from .epochs import DecodeDrops, EpochPlan, assign_shards, steps_in_epoch
+from .epochs import SPARE_PASSES, DecodeDrops, EpochPlan, EpochShort, assign_shards, steps_in_epoch
 from .shards import ReadStats, ShardSource
 
 log = logging.getLogger(__name__)
@@ -122,14 +122,18 @@ class Dataset:
         expected = {shard["name"]: (shard["bytes"], shard["sha256"])
                     for split in self.manifest["splits"].values() for shard in split["shards"]}
         self.source = ShardSource(location, stats, expected=expected)
+        self.short_epochs: dict[int, EpochShort] = {}   # epochs a stream could not fill (read ahead too)
 
     @contextlib.contextmanager
     def reader_errors(self) -> Iterator[None]:
-        """Around iterating a stream: raise the reader's own failure, not TensorFlow's wrapping of it."""
+        """Around iterating a stream: raise the reader's own failure, not TensorFlow's wrapping of it;
+        failing that, the first epoch that could not be filled."""
         try:
             yield
         except tf.errors.OpError:
             self.source.check()
+            if self.short_epochs:
+                raise self.short_epochs[min(self.short_epochs)] from None
             raise
 
     @property
@@ -264,6 +268,13 @@ class Dataset:
 
         return tf.data.Dataset.from_generator(end, args=args or None, output_signature=spec)
 
+    def _complete(self, plan: EpochPlan, epoch: int) -> None:
+        short = plan.shortfall(epoch)
+        if short:
+            self.source.check()   # a fatal reading failure is the cause
+            self.short_epochs[epoch] = short   # what reader_errors raises
+            raise short
+
     def _ending(self, batches: tf.data.Dataset, drops: DecodeDrops | None) -> tf.data.Dataset:
         """The stream ends by counting what a whole stream lost (`drops`) and raising the reader's
         fatal failure, if there was one; prefetched, with this rank's options."""
@@ -334,13 +345,15 @@ class Dataset:
             if start_step:   # a resumed stream; every other stream goes without the per-sample step
                 stream = stream.skip(skip * batch)
             batches = decoded(stream, seeds[2], skip * batch, seeing(epoch, "shuffle"))
-            # Batches that failed to decode are replaced from another pass, so the epoch keeps its
-            # steps; only then is the spare pass read.
-            spares = decoded(shuffled(seeds[1]).take(steps * batch), seeds[3], tf.constant(0, tf.int64),
+            # Batches that failed to decode are replaced from further passes, so the epoch keeps its
+            # steps; only then are the spare passes read.
+            spares = decoded(shuffled(seeds[1]).repeat(SPARE_PASSES), seeds[3], tf.constant(0, tf.int64),
                              seeing(epoch, "spare"))
             counted = self._counted(lambda e: plan.drops(int(e), "shuffle").finish(), batches.element_spec,
                                     (epoch,))
-            return batches.concatenate(counted).concatenate(spares).take(steps - skip)
+            # An epoch still short ends the stream: running on would misalign the epochs and the ranks.
+            complete = self._counted(lambda e: self._complete(plan, int(e)), batches.element_spec, (epoch,))
+            return batches.concatenate(counted).concatenate(spares).take(steps - skip).concatenate(complete)
 
         # Epoch by epoch through a parallel interleave of one that opens `epochs_ahead` epochs ahead:
         # the next epoch reads, fills its shuffle buffer and decodes its first batches while this one

@@ -16,6 +16,9 @@ from .shards import ReadStats
 
 log = logging.getLogger(__name__)
 
+# Passes over a rank's share that replace the batches of an epoch that failed to decode; an epoch
+# still short after them (most images undecodable, or the share unreadable) ends the stream.
+SPARE_PASSES = 3
 # The seeds an epoch draws, in the order EpochPlan.seeds returns them.
 SEEDS = ("shuffle", "spare", "augment-crop", "spare-crop")
 
@@ -49,6 +52,10 @@ def steps_in_epoch(counts: dict[str, int], epoch: int, seed: int, size: int, bat
         raise ValueError(f"in epoch {epoch} a rank's share of the train split is {min(shares)} samples, fewer "
                          f"than one batch ({batch_size}); use a smaller --batch-size or fewer ranks")
     return steps
+
+
+class EpochShort(ValueError):
+    """A rank could not fill an epoch from its share: every rank must run the same steps."""
 
 
 class DecodeDrops:
@@ -86,7 +93,7 @@ class DecodeDrops:
         if samples > 0:
             self.dropped += samples
             self.stats.skip("samples", "undecodable", samples)
-            log.warning("a batch failed to decode and was skipped (%d samples)", samples)
+            log.warning("%d samples skipped: their batch failed to decode (an undecodable image)", samples)
 
 
 @dataclass
@@ -133,3 +140,15 @@ class EpochPlan:
                     steps * self.batch_size
                 self._drops[key] = DecodeDrops(self.stats, self.batch_size, expected=expected)
             return self._drops[key]
+
+    def shortfall(self, epoch: int) -> EpochShort | None:
+        """Why the epoch's stream, now ended, delivered fewer batches than its steps; None if it did not."""
+        main, spare = self.drops(epoch, "shuffle"), self.drops(epoch, "spare")
+        delivered = (main.emitted + spare.emitted) // self.batch_size
+        wanted = self.steps(epoch) - self.skip(epoch)
+        if delivered >= wanted:
+            return None
+        return EpochShort(f"rank {self.rank}, epoch {epoch}: only {delivered} of the {wanted} batches the epoch needs "
+                          f"could be read and decoded from its share, with {SPARE_PASSES} extra passes over it "
+                          f"(the log names the shards skipped and counts the undecodable images): the data set "
+                          f"is damaged; python -m ingest.verify checks it")
