@@ -28,9 +28,27 @@ import resource
 import sys
 from pathlib import Path
 
+from ingest import cli
+from ingest.errors import InputError
+from ingest.manifest import load_manifest
+from ingest.storage import Location
 from trainer.config import AUGMENT_PRESETS
 
 from .servers import upload
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a whole number >= 1")
+    return value
+
+
+def seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a number of seconds > 0")
+    return value
+
 
 def per_image_work(config, stored: tuple[int, int] | None) -> str:
     """What the decode limit does per image: the pipeline's unavoidable work."""
@@ -115,21 +133,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="dataset URL (the --output of ingest.shard)")
     parser.add_argument("--s3", action="store_true",
                         help="stream the pipeline from a local moto_server bucket holding a copy of --data")
-    parser.add_argument("--batch-size", type=int, default=256, help="batch size (default 256)")
-    parser.add_argument("--image-size", type=int, default=64, help="model input side (default 64)")
+    parser.add_argument("--batch-size", type=positive, default=256, help="batch size (default 256)")
+    parser.add_argument("--image-size", type=positive, default=64, help="model input side (default 64)")
     parser.add_argument("--augment", default="tinyimagenet", choices=sorted(AUGMENT_PRESETS),
                         help="augmentation preset (default tinyimagenet)")
-    parser.add_argument("--shuffle-mb", type=int, default=128, help="shuffle buffer, MB (default 128)")
-    parser.add_argument("--seconds", type=float, default=10,
+    parser.add_argument("--shuffle-mb", type=positive, default=128, help="shuffle buffer, MB (default 128)")
+    parser.add_argument("--seconds", type=seconds, default=10,
                         help="measuring time per contender and round (default 10)")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--rounds", type=positive, default=3,
                         help="rounds, each measuring every contender in turn; medians are reported (default 3)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
     args = parser.parse_args(argv)
+    return cli.run_main(lambda: measure(args), kept="nothing is written")
+
+
+def measure(args: argparse.Namespace) -> int:
+    fs, root = Location(args.data).open()
+    load_manifest(fs, root)   # a dataset, or one line saying why not (before any server starts)
     with contextlib.ExitStack() as stack:
         local = args.data
         if args.s3:
-            args.data = upload(stack, Path(args.data), "s3://bench/shards")
+            if "file" not in fs.protocol:
+                raise InputError(f"--s3 copies a local dataset to the bucket; {args.data} is not on local disk")
+            args.data = upload(stack, Path(root), "s3://bench/shards")
         result = run(args, local)
     print(f"pipeline {result['pipeline_images_per_s']} img/s; decode limit {result['decode_limit_images_per_s']} "
           f"({result['pipeline_vs_decode_limit']}x); TFRecord {result['tfrecord_images_per_s']} "
