@@ -136,6 +136,14 @@ def _check_dimensions(width: int, height: int) -> None:
 # --- JPEG header walk (pure Python; the pass-through hot path) -----------------
 
 
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    """(height, width) from a JPEG's frame header; RejectedImage when its headers are not a JPEG's."""
+    if not data.startswith(b"\xff\xd8"):
+        raise RejectedImage("not_an_image", "no JPEG start marker")
+    frame = _parse_jpeg(data)
+    return frame.height, frame.width
+
+
 def _parse_jpeg(data: bytes) -> _JpegFrame:
     """Walk marker segments to the first scan; check the frame and that an EOI follows."""
     size = len(data)

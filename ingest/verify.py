@@ -1,7 +1,8 @@
 """`python -m ingest.verify URL`: check every shard against manifest.json.
 
 For each shard: the object exists, has the recorded size and sha256, and holds the recorded
-number of samples, each with an image and (in labelled splits) a class index in range.
+number of samples, each with an image whose JPEG headers are whole (and of the shard's recorded
+image_size, if it has one) and (in labelled splits) a class index in range.
 Every mismatch is printed on its own line; the exit code is non-zero if there is any.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 from . import cli
 from .errors import EXIT_CODES, EXIT_INCOMPLETE, EXIT_OK
+from .images import RejectedImage, jpeg_size
 from .manifest import load_manifest
 from .storage import Location, failure_reason, is_storage_failure, parse_storage_options
 
@@ -52,7 +54,7 @@ def _check_shard(fs, path: str, shard: dict, labelled: bool, num_classes: int) -
         return [f"{name}: sha256 {digest[:12]}..., manifest says {shard['sha256'][:12]}..."]
     if members.tar_error:
         return [f"{name}: not a readable tar ({members.tar_error})"]
-    return _check_samples(name, members, shard["samples"], labelled, num_classes)
+    return _check_samples(name, members, shard, labelled, num_classes)
 
 
 class _HashingReader(io.RawIOBase):
@@ -72,7 +74,8 @@ class _HashingReader(io.RawIOBase):
 
 
 class _Members(dict):
-    """key -> {extension: payload (.cls only; others b"")} of one shard, and what was odd."""
+    """key -> {extension: payload (.cls; .jpg: its (height, width), or why its headers are not a
+    JPEG's; others b"")} of one shard, and what was odd."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -89,19 +92,35 @@ def _read_members(stream) -> _Members:
                 parts = members.setdefault(key, {})
                 if ext in parts:
                     members.twice.add(member.name)
-                parts[ext] = tar.extractfile(member).read() if ext == "cls" else b""
+                parts[ext] = _payload(ext, tar.extractfile(member).read() if ext in ("cls", "jpg") else b"")
     except tarfile.TarError as exc:
         members.tar_error = str(exc)
     return members
 
 
-def _check_samples(name: str, members: _Members, expected: int, labelled: bool, num_classes: int) -> list[str]:
+def _payload(ext: str, data: bytes) -> bytes | tuple[int, int] | str:
+    if ext != "jpg":
+        return data
+    try:
+        return jpeg_size(data)
+    except RejectedImage as exc:
+        return f"{exc.reason}: {exc.detail}"
+
+
+def _check_samples(name: str, members: _Members, shard: dict, labelled: bool, num_classes: int) -> list[str]:
     problems = [f"{name}: member {member} appears twice" for member in sorted(members.twice)]
+    expected, size = shard["samples"], shard.get("image_size")
     if len(members) != expected:
         problems.append(f"{name}: {len(members)} samples, manifest says {expected}")
     for key, parts in members.items():
-        if "jpg" not in parts:
+        image = parts.get("jpg")
+        if image is None:
             problems.append(f"{name}: sample {key} has no .jpg")
+        elif isinstance(image, str):
+            problems.append(f"{name}: sample {key}: its .jpg is not a whole JPEG ({image})")
+        elif size and list(image) != size:
+            problems.append(f"{name}: sample {key} is {image[0]}x{image[1]}, the manifest's image_size says "
+                            f"{size[0]}x{size[1]}")
         if labelled and not _valid_label(parts.get("cls"), num_classes):
             problems.append(f"{name}: sample {key} has no class index in 0..{num_classes - 1}")
     return problems

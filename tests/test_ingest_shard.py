@@ -306,6 +306,31 @@ def test_verify_checks_labels_and_tar_structure_behind_a_matching_hash(tiny, tmp
     assert f"{second['name']}: not a readable tar" in result.stdout
 
 
+def test_verify_names_an_image_that_is_not_a_whole_jpeg_and_a_wrong_image_size(tiny, tmp_path):
+    import hashlib
+
+    from trainer.shards import parse_tar
+
+    out = tmp_path / "out"
+    ingest(tiny[1], out, "--processes", "1")
+    manifest = json.loads((out / "manifest.json").read_text())
+    first, second = manifest["splits"]["train"]["shards"][:2]
+    data = bytearray((out / first["name"]).read_bytes())
+    key, spans = sorted(parse_tar(bytes(data)).items())[0]
+    start, end = spans["jpg"]
+    data[start:end] = b"\xff\xd8" + b"\x00" * (end - start - 4) + b"\xff\xd9"   # no frame, no scan
+    (out / first["name"]).write_bytes(data)
+    first["sha256"] = hashlib.sha256(data).hexdigest()
+    assert second["image_size"] == [32, 32]
+    second["image_size"] = [64, 64]                                            # a hand edit that lies
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    result = run_cli("ingest.verify", out)
+    assert result.returncode == EXIT_INCOMPLETE
+    assert f"{first['name']}: sample {key}: its .jpg is not a whole JPEG (corrupt" in result.stdout
+    assert f"{second['name']}: sample" in result.stdout and "is 32x32, the manifest's image_size says 64x64" \
+        in result.stdout
+
+
 def pool_workers(parent: int) -> list[int]:
     """The multiprocessing (spawn) children of a process."""
     found = []
