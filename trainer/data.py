@@ -234,7 +234,8 @@ class Dataset:
             # A py_function, not from_generator: that one took 10-20 ms to start, per shard and per epoch.
             data, offsets, lengths, labels = tf.py_function(shard, [name, part, parts],
                                                             [tf.string, tf.int64, tf.int64, tf.int32])
-            return data, tf.ensure_shape(offsets, [None]), tf.ensure_shape(lengths, [None]), labels
+            return tuple(tf.ensure_shape(t, shape) for t, shape in zip((data, offsets, lengths, labels),
+                                                                      ([], [None], [None], [None])))
 
         in_flight = self.shards_in_flight(split)
         shards = (assignments.map(read, num_parallel_calls=in_flight, deterministic=self.config.deterministic)
