@@ -36,13 +36,6 @@ from trainer.config import AUGMENT_PRESETS
 
 from .servers import upload
 
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a whole number >= 1")
-    return value
-
-
 def seconds(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -133,14 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="dataset URL (the --output of ingest.shard)")
     parser.add_argument("--s3", action="store_true",
                         help="stream the pipeline from a local moto_server bucket holding a copy of --data")
-    parser.add_argument("--batch-size", type=positive, default=256, help="batch size (default 256)")
-    parser.add_argument("--image-size", type=positive, default=64, help="model input side (default 64)")
+    parser.add_argument("--batch-size", type=cli.positive, default=256, help="batch size (default 256)")
+    parser.add_argument("--image-size", type=cli.positive, default=64, help="model input side (default 64)")
     parser.add_argument("--augment", default="tinyimagenet", choices=sorted(AUGMENT_PRESETS),
                         help="augmentation preset (default tinyimagenet)")
-    parser.add_argument("--shuffle-mb", type=positive, default=128, help="shuffle buffer, MB (default 128)")
+    parser.add_argument("--shuffle-mb", type=cli.positive, default=128, help="shuffle buffer, MB (default 128)")
     parser.add_argument("--seconds", type=seconds, default=10,
                         help="measuring time per contender and round (default 10)")
-    parser.add_argument("--rounds", type=positive, default=3,
+    parser.add_argument("--rounds", type=cli.positive, default=3,
                         help="rounds, each measuring every contender in turn; medians are reported (default 3)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
     args = parser.parse_args(argv)

@@ -77,3 +77,11 @@ def _request_stop(signum, frame) -> None:
 def terminating() -> bool:
     """Whether SIGTERM arrived (with `run_main(graceful=True)`, the body's cue to stop)."""
     return _terminated
+
+
+def positive(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a whole number >= 1")
+    return value

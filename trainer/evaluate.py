@@ -94,20 +94,13 @@ def check_classes(trained: Run, classes: list[dict], data: str) -> None:
                              f"classes the model was trained on, or not in the same order")
 
 
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a whole number >= 1")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="a trainer.train --output (path or URL holding model.keras, "
                                                        "classes.json and config.json)")
     parser.add_argument("--data", required=True, help="dataset URL (ingest.shard's --output) with the run's classes")
     parser.add_argument("--split", default="val", help="labelled split to evaluate (default val)")
-    parser.add_argument("--batch-size", type=positive, help="images per batch (default: the run's)")
+    parser.add_argument("--batch-size", type=cli.positive, help="images per batch (default: the run's)")
     parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                         help="fsspec storage option for --model and --data, repeatable (e.g. "
                              "endpoint_url=http://127.0.0.1:9000); credentials come from the environment")
