@@ -44,14 +44,16 @@ def steps_in_epoch(counts: dict[str, int], epoch: int, seed: int, size: int, bat
     """The steps every rank runs in `epoch`: the smallest rank's share in whole batches (shares
     differ by up to a shard), so no rank runs dry and hangs an allreduce; each rank drops the
     rest of its share, a different remainder each epoch as the order is reshuffled."""
-    shares = [sum(len(range(part, counts[name], parts))
-                  for name, part, parts in assign_shards(list(counts), epoch, seed, rank, size))
-              for rank in range(size)]
+    shares = [_share(counts, assign_shards(list(counts), epoch, seed, rank, size)) for rank in range(size)]
     steps = min(shares) // batch_size
     if steps < 1:
         raise ValueError(f"in epoch {epoch} a rank's share of the train split is {min(shares)} samples, fewer "
                          f"than one batch ({batch_size}); use a smaller --batch-size or fewer ranks")
     return steps
+
+
+def _share(counts: dict[str, int], assignments: list[tuple[str, int, int]]) -> int:
+    return sum(len(range(part, counts[name], parts)) for name, part, parts in assignments)
 
 
 class EpochShort(ValueError):
@@ -114,6 +116,10 @@ class EpochPlan:
 
     def assignments(self, epoch: int) -> list[tuple[str, int, int]]:
         return assign_shards(list(self.counts), epoch, self.seed, self.rank, self.size)
+
+    def share(self, epoch: int) -> int:
+        """The samples this rank's shards of the epoch hold (for it), per the manifest."""
+        return _share(self.counts, self.assignments(epoch))
 
     def steps(self, epoch: int) -> int:
         return steps_in_epoch(self.counts, epoch, self.seed, self.size, self.batch_size)
