@@ -243,10 +243,10 @@ class Dataset:
         return shards.map(lambda data, offsets, lengths, labels:
                           (tf.strings.substr(data, offsets, lengths), labels)).unbatch()
 
-    def _decode(self, samples: tf.data.Dataset, transform: Callable, see: Callable,
-                drop_remainder: bool) -> tf.data.Dataset:
+    def _decode(self, samples: tf.data.Dataset, transform: Callable, see: Callable, drop_remainder: bool,
+                args: tuple = ()) -> tf.data.Dataset:
         """Decode in a parallel map fused with the batch; batches that fail are dropped and counted
-        by `see(batch number, batch size)`, a graph op (`DecodeDrops.see` through a py_function)."""
+        by `see(*args, batch number, batch size)` (`DecodeDrops.see`, called with ints)."""
         decoded = samples.map(transform, num_parallel_calls=AUTOTUNE, deterministic=self.config.deterministic)
         # ignore_errors after the batch: between them it would stop tf.data fusing the map into the
         # batch, which cost 15% of the throughput. So a bad image costs its batch, all counted.
@@ -254,7 +254,9 @@ class Dataset:
 
         def count(number, batch):
             images, labels = batch
-            with tf.control_dependencies([see(number, tf.shape(labels)[0])]):
+            seen = tf.py_function(lambda *values: see(*(int(value) for value in values)),
+                                  [*args, number, tf.shape(labels)[0]], tf.int64)
+            with tf.control_dependencies([seen]):
                 return tf.identity(images), labels
 
         return batches.map(count)
@@ -315,21 +317,18 @@ class Dataset:
             return (list(names), list(parts), list(counts), plan.steps(epoch), plan.skip(epoch), plan.seeds(epoch),
                     buffer_size)
 
-        def seeing(epoch: tf.Tensor, purpose: str) -> Callable:
-            def see(number, count):
-                return tf.py_function(lambda e, n, c: plan.drops(int(e), purpose).see(int(n), int(c)),
-                                      [epoch, number, count], tf.int64)
-            return see
+        def decoded(stream: tf.data.Dataset, crop_seed: tf.Tensor, start: tf.Tensor, epoch: tf.Tensor, purpose: str):
+            def see(epoch_, number, count):
+                return plan.drops(epoch_, purpose).see(number, count)
 
-        def decoded(stream: tf.data.Dataset, crop_seed: tf.Tensor, start: tf.Tensor, see: Callable):
             if not per_image_seeds(augment):
                 return self._decode(stream, lambda jpeg, label: (train_image(jpeg, None, size_, augment, stored), label),
-                                    see, drop_remainder=True)
+                                    see, drop_remainder=True, args=(epoch,))
             # Each image's crop from (this rank's and epoch's seed, its place in the epoch).
             return self._decode(stream.enumerate(start=start),
                                 lambda index, sample: (train_image(sample[0], tf.stack([crop_seed, index]), size_,
                                                                    augment), sample[1]),
-                                see, drop_remainder=True)
+                                see, drop_remainder=True, args=(epoch,))
 
         def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
             with _seeded_by_arguments():
@@ -350,11 +349,11 @@ class Dataset:
             stream = shuffled(seeds[0]).repeat().take(steps * batch)
             if start_step:   # a resumed stream; every other stream goes without the per-sample step
                 stream = stream.skip(skip * batch)
-            batches = decoded(stream, seeds[2], skip * batch, seeing(epoch, "shuffle"))
+            batches = decoded(stream, seeds[2], skip * batch, epoch, "shuffle")
             # Batches that failed to decode are replaced from further passes, so the epoch keeps its
             # steps; only then are the spare passes read.
-            spares = decoded(shuffled(seeds[1]).repeat(SPARE_PASSES), seeds[3], tf.constant(0, tf.int64),
-                             seeing(epoch, "spare"))
+            spares = decoded(shuffled(seeds[1]).repeat(SPARE_PASSES), seeds[3], tf.constant(0, tf.int64), epoch,
+                             "spare")
             counted = self._counted(lambda e: plan.drops(int(e), "shuffle").finish(), batches.element_spec,
                                     (epoch,))
             # An epoch still short ends the stream: running on would misalign the epochs and the ranks.
@@ -376,11 +375,7 @@ class Dataset:
         labelled = self._split(split)["labelled"]
         mine = assign_shards(self._shard_names(split), 0, self.config.seed, rank, size, shuffle=False)
         drops = DecodeDrops(self.source.stats, self.config.batch_size)
-
-        def see(number, count):
-            return tf.py_function(lambda n, c: drops.see(int(n), int(c)), [number, count], tf.int64)
-
         size_, augment = self.config.image_size, self.config.augment
         return self._ending(self._decode(self._stream(self._assigned(mine), labelled, drops, split),
                                          lambda jpeg, label: (eval_image(jpeg, size_, augment, self.image_size(split)), label),
-                                         see, drop_remainder=False), drops)
+                                         drops.see, drop_remainder=False), drops)
