@@ -14,8 +14,9 @@ import tensorflow as tf
 
 from ingest import synth
 from trainer.augment import PRESETS, AugmentConfig, augment_batch, eval_image, train_image
-from trainer.data import Dataset, InputConfig
+from trainer.data import Dataset, InputConfig, available_cpus
 from trainer.epochs import DecodeDrops, assign_shards
+from trainer.launch import host_plan, slot_environment
 from trainer.shards import ReadStats, StorageGone, parse_tar
 
 from .conftest import run_cli
@@ -196,6 +197,17 @@ def test_eval_of_a_right_sized_image_is_just_decode():
     expected = tf.io.decode_jpeg(jpeg, channels=3)
     assert np.array_equal(eval_image(jpeg, 32, PRESETS["tinyimagenet"]), expected)
     assert np.array_equal(train_image(jpeg, tf.constant([5, 6]), 32, PRESETS["none"]), expected)
+
+
+def test_a_rank_launched_beside_another_streams_on_its_share_of_the_cores(shards, monkeypatch):
+    """The environment trainer.launch gives a pod's second slot sizes the stream's own thread pool."""
+    plan = host_plan(2, 2, "trainer-{index}.trainer")
+    for name, value in slot_environment(plan[1], "trainer-0.trainer", 29500, "eth0").items():
+        monkeypatch.setenv(name, value)
+    stream = Dataset(config(shards)).train(rank=1, size=4)
+    assert stream.options().threading.private_threadpool_size == max(1, available_cpus() // 2)
+    monkeypatch.delenv("HOROVOD_LOCAL_SIZE")
+    assert Dataset(config(shards)).train().options().threading.private_threadpool_size == available_cpus()
 
 
 def test_deterministic_mode_repeats_the_same_order(shards):
