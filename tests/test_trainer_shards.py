@@ -1,0 +1,74 @@
+"""trainer.shards: a shard's sample index, kept for the bytes the manifest pins, and damage in a shard."""
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+
+import pytest
+
+from ingest.storage import Location
+from trainer import shards as shards_module
+from trainer.shards import ShardSource
+
+
+def _tar(samples: dict[str, dict[str, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for key, members in samples.items():
+            for ext, payload in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return buffer.getvalue()
+
+
+def _source(directory, data: bytes, pinned: bool, name: str = "s.tar") -> ShardSource:
+    (directory / name).write_bytes(data)
+    expected = {name: (len(data), hashlib.sha256(data).hexdigest())} if pinned else {}
+    return ShardSource(Location(str(directory)), expected=expected)
+
+
+def _read(source: ShardSource, part: int, parts: int, name: str = "s.tar") -> list[tuple[bytes, int]]:
+    data, offsets, lengths, labels = source.samples(name, part, parts)
+    return [(data[o:o + n], int(label)) for o, n, label in zip(offsets, lengths, labels)]
+
+
+def _samples(count: int = 9, seed: int = 0) -> dict[str, dict[str, bytes]]:
+    return {f"k{i:02d}": {"jpg": bytes([i + seed]) * (i + 1), "cls": str((i + seed) % 3).encode()}
+            for i in range(count)}
+
+
+def test_a_pinned_shard_is_indexed_once_and_reads_the_same_every_epoch(tmp_path, monkeypatch):
+    samples = _samples()
+    del samples["k04"]["cls"]   # incomplete: skipped, and counted on every read
+    source = _source(tmp_path, _tar(samples), pinned=True)
+    complete = [(s["jpg"], int(s["cls"])) for _, s in sorted(samples.items()) if "cls" in s]
+    every = [(s["jpg"], int(s["cls"])) if "cls" in s else None for _, s in sorted(samples.items())]
+    first = [_read(source, part, 3) for part in range(3)]
+    assert first == [[s for s in every[part::3] if s] for part in range(3)]
+    assert sorted(sum(first, [])) == sorted(complete)
+
+    def indexed_again(data):
+        raise AssertionError("the tar was indexed again")
+
+    monkeypatch.setattr(shards_module, "parse_tar", indexed_again)
+    assert [_read(source, part, 3) for part in range(3)] == first
+    assert source.stats.skipped_samples["incomplete"] == 2
+
+
+def test_a_shard_the_manifest_does_not_pin_is_indexed_at_every_read(tmp_path):
+    source = _source(tmp_path, _tar(_samples()), pinned=False)
+    assert _read(source, 0, 1)[0] == (b"\x00", 0)
+    (tmp_path / "s.tar").write_bytes(_tar(_samples(count=4, seed=7)))
+    assert _read(source, 0, 1) == [(bytes([7 + i]) * (i + 1), (7 + i) % 3) for i in range(4)]
+
+
+@pytest.mark.parametrize("label", [b"seven", b""])
+def test_a_label_that_is_not_a_number_skips_its_shard_as_corrupt(tmp_path, label):
+    samples = _samples()
+    samples["k03"]["cls"] = label
+    source = _source(tmp_path, _tar(samples), pinned=True)
+    assert _read(source, 0, 1) == []
+    assert source.stats.skipped_shards == {"corrupt": 1}
+    source.check()   # a damaged shard is skipped and counted, not the end of training
