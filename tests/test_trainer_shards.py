@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 import io
 import tarfile
 
@@ -72,3 +74,46 @@ def test_a_label_that_is_not_a_number_skips_its_shard_as_corrupt(tmp_path, label
     assert _read(source, 0, 1) == []
     assert source.stats.skipped_shards == {"corrupt": 1}
     source.check()   # a damaged shard is skipped and counted, not the end of training
+
+
+OUTAGE = """
+import sys
+from trainer.data import Dataset, InputConfig
+from trainer.shards import StorageGone
+dataset = Dataset(InputConfig(data=sys.argv[1], image_size=32, batch_size=4, shuffle_mb=1))
+fs, reads = dataset.source.fs, []
+fetch = fs.cat_file
+
+
+def failing(path, *args, **kwargs):   # the storage goes away after the second shard
+    reads.append(path)
+    if len(reads) > 2:
+        raise ConnectionError("storage unreachable")
+    return fetch(path, *args, **kwargs)
+
+
+fs.cat_file = failing
+try:
+    with dataset.reader_errors():
+        for _ in dataset.train(0, 1, 0, 3):
+            pass
+except StorageGone as exc:
+    print("ended:", exc)
+"""
+
+
+def test_storage_lost_in_the_middle_of_an_epoch_ends_the_stream_with_the_reason(tmp_path):
+    """A pass over the share read some shards, then none: the epoch's refill must not spin forever."""
+    from ingest import synth
+
+    from .conftest import REPO, run_cli
+
+    synth.generate(str(tmp_path / "raw"), classes=2, train_per_class=20, val_per_class=2, size=32, seed=3)
+    run_cli("ingest.shard", "--input", tmp_path / "raw", "--output", tmp_path / "shards", "--shard-size", "4",
+            "--processes", "1", check=True)
+    try:
+        result = subprocess.run([sys.executable, "-c", OUTAGE, str(tmp_path / "shards")], cwd=REPO,
+                                capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the stream kept running after the storage was gone")
+    assert "ended: 20 shards in a row could not be read" in result.stdout, result.stderr[-2000:]

@@ -207,6 +207,9 @@ class Dataset:
         options = tf.data.Options()
         options.threading.private_threadpool_size = self.config.threads or thread_share()
         options.threading.max_intra_op_parallelism = 1
+        # Fused, shuffle + repeat never ends on an empty pass after a full one: a stream whose storage
+        # failed mid-epoch spun forever instead of ending with the failure.
+        options.experimental_optimization.shuffle_and_repeat_fusion = False
         options.deterministic = self.config.deterministic
         return options
 
@@ -345,7 +348,7 @@ class Dataset:
                 return self._stream(assigned, True, None, "train").shuffle(buffer_size, seed=seed)
 
             # A share left short by skipped shards is read again to fill the epoch: every rank must run
-            # the same steps. (An empty share ends the epoch: repeat() stops on an empty input.)
+            # the same steps. (An empty pass ends it: repeat() stops there, unfused: see _options.)
             stream = shuffled(seeds[0]).repeat().take(steps * batch)
             if start_step:   # a resumed stream; every other stream goes without the per-sample step
                 stream = stream.skip(skip * batch)
