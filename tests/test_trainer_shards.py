@@ -11,7 +11,7 @@ import pytest
 
 from ingest.storage import Location
 from trainer import shards as shards_module
-from trainer.shards import ShardSource
+from trainer.shards import MAX_CONSECUTIVE_SKIPS, ShardSource
 
 
 def _tar(samples: dict[str, dict[str, bytes]]) -> bytes:
@@ -28,7 +28,7 @@ def _tar(samples: dict[str, dict[str, bytes]]) -> bytes:
 def _source(directory, data: bytes, pinned: bool, name: str = "s.tar") -> ShardSource:
     (directory / name).write_bytes(data)
     expected = {name: (len(data), hashlib.sha256(data).hexdigest())} if pinned else {}
-    return ShardSource(Location(str(directory)), expected=expected)
+    return ShardSource(Location(str(directory)), expected=expected, classes=3)
 
 
 def _read(source: ShardSource, part: int, parts: int, name: str = "s.tar") -> list[tuple[bytes, int]]:
@@ -66,8 +66,8 @@ def test_a_shard_the_manifest_does_not_pin_is_indexed_at_every_read(tmp_path):
     assert _read(source, 0, 1) == [(bytes([7 + i]) * (i + 1), (7 + i) % 3) for i in range(4)]
 
 
-@pytest.mark.parametrize("label", [b"seven", b""])
-def test_a_label_that_is_not_a_number_skips_its_shard_as_corrupt(tmp_path, label):
+@pytest.mark.parametrize("label", [b"seven", b"", b"-1", b"+1", b"1_0", b"3", b"99999999999", b"9" * 5000])
+def test_a_label_that_is_not_a_class_index_skips_its_shard_as_corrupt(tmp_path, label):
     samples = _samples()
     samples["k03"]["cls"] = label
     source = _source(tmp_path, _tar(samples), pinned=True)
@@ -117,3 +117,19 @@ def test_storage_lost_in_the_middle_of_an_epoch_ends_the_stream_with_the_reason(
     except subprocess.TimeoutExpired:
         pytest.fail("the stream kept running after the storage was gone")
     assert "ended: 20 shards in a row could not be read" in result.stdout, result.stderr[-2000:]
+
+
+def test_many_corrupt_shards_in_a_row_are_not_blamed_on_the_storage(tmp_path):
+    """Bad data is skipped and counted shard by shard (an epoch left short says so: EpochShort);
+    "is the storage reachable?" is for shards that could not be read."""
+    samples = _samples()
+    samples["k01"]["cls"] = b"n01440764"   # a class name where its index belongs, in every shard
+    data = _tar(samples)
+    names = [f"s{i:03d}.tar" for i in range(2 * MAX_CONSECUTIVE_SKIPS)]
+    for name in names:
+        (tmp_path / name).write_bytes(data)
+    expected = {name: (len(data), hashlib.sha256(data).hexdigest()) for name in names}
+    source = ShardSource(Location(str(tmp_path)), expected=expected, classes=3)
+    assert all(source.samples(name)[3].size == 0 for name in names)
+    assert source.stats.skipped_shards == {"corrupt": len(names)}
+    source.check()

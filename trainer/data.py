@@ -121,7 +121,7 @@ class Dataset:
         self.config = config
         expected = {shard["name"]: (shard["bytes"], shard["sha256"])
                     for split in self.manifest["splits"].values() for shard in split["shards"]}
-        self.source = ShardSource(location, stats, expected=expected)
+        self.source = ShardSource(location, stats, expected=expected, classes=self.num_classes)
         self.short_epochs: dict[int, EpochShort] = {}   # epochs a stream could not fill (read ahead too)
 
     @contextlib.contextmanager

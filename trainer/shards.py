@@ -27,6 +27,7 @@ BLOCK = 512
 # Skipping a bad shard keeps training going; skipping this many in a row means the storage is
 # gone, and training on nothing would hang the job or fake progress: fail instead.
 MAX_CONSECUTIVE_SKIPS = 20
+MAX_CLASSES = 2**31 - 1   # labels are int32
 
 
 class ShardError(Exception):
@@ -126,8 +127,8 @@ def _pax_path(records: bytes) -> str | None:
 SampleIndex = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
-def sample_index(data: bytes, labelled: bool) -> SampleIndex:
-    """The samples of a WebDataset tar's bytes, in key order."""
+def sample_index(data: bytes, labelled: bool, classes: int = MAX_CLASSES) -> SampleIndex:
+    """The samples of a WebDataset tar's bytes, in key order; a label must be one of `classes`."""
     offsets, lengths, labels, complete = [], [], [], []
     for key, spans in sorted(parse_tar(data).items()):
         image, label = spans.get("jpg"), spans.get("cls")
@@ -135,26 +136,28 @@ def sample_index(data: bytes, labelled: bool) -> SampleIndex:
         complete.append(whole)
         offsets.append(image[0] if whole else 0)
         lengths.append(image[1] - image[0] if whole else 0)
-        labels.append(_label(data, key, label) if whole and labelled else -1)
+        labels.append(_label(data, key, label, classes) if whole and labelled else -1)
     return (np.array(offsets, dtype=np.int64), np.array(lengths, dtype=np.int64), np.array(labels, dtype=np.int32),
             np.array(complete, dtype=bool))
 
 
-def _label(data: bytes, key: str, span: Span) -> int:
-    try:
-        return int(data[span[0]:span[1]])
-    except ValueError:
-        raise ShardError(f"sample {key}: its .cls is not a whole number") from None
+def _label(data: bytes, key: str, span: Span, classes: int) -> int:
+    text = data[span[0]:span[1]].strip()
+    # isdigit: int() would also take "-1", "+3" and "1_0"; 10 digits hold any int32
+    if not text.isdigit() or len(text) > 10 or int(text) >= classes:
+        raise ShardError(f"sample {key}: its .cls {text[:20]!r} is not a class index in 0..{classes - 1}")
+    return int(text)
 
 
 class ShardSource:
     """Reads shards of one dataset; one per process (it holds the storage client)."""
 
     def __init__(self, location: Location, stats: ReadStats | None = None,
-                 expected: dict[str, tuple[int, str]] | None = None):
+                 expected: dict[str, tuple[int, str]] | None = None, classes: int = MAX_CLASSES):
         self.fs, self.root = location.open()
         self.stats = stats or ReadStats()
         self.expected = expected or {}        # name -> (bytes, sha256) from the manifest
+        self.classes = classes                # labels outside 0..classes-1 make a shard corrupt
         self.failure: Exception | None = None
         # (name, labelled) -> index of a shard the manifest pins by sha256: the tar is indexed once a
         # process, not every epoch (in Python it was 60% of the reader's time; ~20 bytes a sample).
@@ -204,7 +207,7 @@ class ShardSource:
             self._check(name, data)
             index = self._indexes.get((name, labelled))
             if index is None:
-                index = sample_index(data, labelled)
+                index = sample_index(data, labelled, self.classes)
                 if name in self.expected:   # the manifest's sha256 pins these bytes: same index next epoch
                     self._indexes[(name, labelled)] = index
         except FileNotFoundError:
@@ -241,6 +244,8 @@ class ShardSource:
     def _skip(self, name: str, reason: str, detail: str) -> None:
         self.stats.skip("shards", reason)
         log.error("shard %s skipped (%s): %s", name, reason, detail)
+        if reason == "corrupt":   # bytes that arrived: the data's fault, which no rerun mends
+            return
         with self._lock:
             self._consecutive_skips += 1
             skips = self._consecutive_skips
